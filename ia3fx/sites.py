@@ -1,0 +1,199 @@
+"""Call sites: every linear-like call on a parameter in a captured graph.
+
+A *call site* is one node; a *layer* is what owns a vector (a module, or for a bare ``F.linear``
+on a parameter, that parameter). A module called twice gives two call sites of one layer, which
+then share one vector, as PEFT's module-level wrapping means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+__all__ = ["CallSite", "find_call_sites", "get_attr_path", "vector_shape"]
+
+aten = torch.ops.aten
+
+_LINEAR = {aten.linear.default, torch._C._nn.linear, F.linear}
+_ADDMM = {aten.addmm.default, torch.addmm}
+_CONV2D = {aten.conv2d.default, torch.conv2d, F.conv2d}
+_CONV3D = {aten.conv3d.default, torch.conv3d, F.conv3d}
+
+# kinds whose vectors broadcast on the last dim vs on the channel dim
+LINEAR_KINDS = ("linear", "conv1d", "functional_linear", "functional_addmm")
+CONV_KINDS = {"conv2d": 2, "conv3d": 3, "functional_conv2d": 2, "functional_conv3d": 3}
+
+
+@dataclass(frozen=True)
+class CallSite:
+    """One linear-like call in the graph and, once a config is applied, what IA3 does to it."""
+
+    node: str  # graph node name
+    name: str  # layer name used for matching and as the vector's key (module path or param path)
+    module: str  # innermost owning module path, from nn_module_stack
+    module_type: str  # class of the owning module
+    kind: str  # linear | conv1d | conv2d | conv3d | functional_linear | functional_addmm | ...
+    in_features: int
+    out_features: int
+    weight: str  # parameter path of the weight, as the graph reads it
+    bias: str | None
+    groups: int = 1
+    call_index: int = 0  # 0 for a layer's first call, 1 for its second, ...
+    targeted: bool = False
+    feedforward: bool = False
+
+    @property
+    def scale(self) -> str | None:
+        """``"input"`` (feedforward), ``"output"`` (attention-type) or ``None`` (not adapted)."""
+        if not self.targeted:
+            return None
+        return "input" if self.feedforward else "output"
+
+    @property
+    def vector_size(self) -> int:
+        return self.in_features if self.feedforward else self.out_features
+
+
+def vector_shape(kind: str, size: int) -> tuple[int, ...]:
+    """The in-graph shape: broadcasts on the feature (last) or channel dim."""
+    spatial = CONV_KINDS.get(kind, 0)
+    return (size,) + (1,) * spatial
+
+
+def get_attr_path(gm: nn.Module, path: str) -> Any:
+    obj: Any = gm
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _owner(node: Node) -> tuple[str, str] | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    fqn, cls = list(stack.values())[-1]
+    if not isinstance(cls, str):
+        cls = f"{cls.__module__}.{cls.__qualname__}"
+    return fqn, cls
+
+
+def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _param_name(weight_path: str) -> str:
+    return weight_path[: -len(".weight")] if weight_path.endswith(".weight") else weight_path
+
+
+def _function_site(gm: GraphModule, node: Node) -> CallSite | None:
+    target = node.target
+    if target in _LINEAR:
+        op, w_idx, b_idx = "linear", 1, 2
+    elif target in _ADDMM:
+        op, w_idx, b_idx = "addmm", 2, 0
+    elif target in _CONV2D:
+        op, w_idx, b_idx = "conv2d", 1, 2
+    elif target in _CONV3D:
+        op, w_idx, b_idx = "conv3d", 1, 2
+    else:
+        return None
+    w = _arg(node, w_idx, "weight" if op != "addmm" else "mat2")
+    if not isinstance(w, Node) or w.op != "get_attr":
+        return None  # a computed weight is not a layer
+    b = _arg(node, b_idx, "bias" if op != "addmm" else "input")
+    bias = b.target if isinstance(b, Node) and b.op == "get_attr" else None
+    weight = get_attr_path(gm, w.target)
+    owner = _owner(node)
+    module, module_type = owner if owner else (w.target.rpartition(".")[0], "")
+    cls = module_type.rsplit(".", 1)[-1]
+    groups = 1
+    if op == "linear":
+        out_f, in_f = weight.shape[0], weight.shape[1]
+        layer = "Linear" in cls
+        kind = "linear" if layer else "functional_linear"
+    elif op == "addmm":
+        in_f, out_f = weight.shape[0], weight.shape[1]
+        layer = cls == "Conv1D"
+        kind = "conv1d" if layer else "functional_addmm"
+    else:
+        groups = int(_arg(node, 6, "groups", 1))
+        out_f, in_f = weight.shape[0], weight.shape[1] * groups
+        layer = cls == op.capitalize()
+        kind = op if layer else f"functional_{op}"
+    name = module if layer else _param_name(w.target)
+    return CallSite(
+        node=node.name,
+        name=name,
+        module=module,
+        module_type=module_type,
+        kind=kind,
+        in_features=int(in_f),
+        out_features=int(out_f),
+        weight=w.target,
+        bias=bias,
+        groups=groups,
+    )
+
+
+def _module_site(gm: GraphModule, node: Node) -> CallSite | None:
+    mod = gm.get_submodule(node.target)
+    cls = type(mod)
+    module_type = f"{cls.__module__}.{cls.__qualname__}"
+    bias = f"{node.target}.bias" if getattr(mod, "bias", None) is not None else None
+    common = dict(node=node.name, name=node.target, module=node.target, module_type=module_type)
+    if isinstance(mod, nn.Linear):
+        return CallSite(
+            **common, kind="linear", in_features=mod.in_features, out_features=mod.out_features,
+            weight=f"{node.target}.weight", bias=bias,
+        )
+    if isinstance(mod, (nn.Conv2d, nn.Conv3d)):
+        return CallSite(
+            **common, kind="conv2d" if isinstance(mod, nn.Conv2d) else "conv3d",
+            in_features=mod.in_channels, out_features=mod.out_channels,
+            weight=f"{node.target}.weight", bias=bias, groups=mod.groups,
+        )
+    if cls.__name__ == "Conv1D" and hasattr(mod, "weight"):
+        return CallSite(
+            **common, kind="conv1d", in_features=mod.weight.shape[0],
+            out_features=mod.weight.shape[1], weight=f"{node.target}.weight", bias=bias,
+        )
+    return None
+
+
+def find_call_sites(gm: GraphModule, config: Any = None, *, model: nn.Module | None = None) -> list[CallSite]:
+    """Every linear-like call on a parameter in ``gm``, in graph order.
+
+    With ``config`` (an :class:`~ia3fx.IA3Config`), each site also says whether it is targeted
+    and whether it is feedforward, decided by PEFT's rules on the layer names (and on ``model``'s
+    module types when given, which ``"all-linear"`` and PEFT's errors need).
+    """
+    sites: list[CallSite] = []
+    counts: Counter[str] = Counter()
+    for node in gm.graph.nodes:
+        if node.meta.get("ia3fx"):
+            continue
+        site = None
+        if node.op == "call_function":
+            site = _function_site(gm, node)
+        elif node.op == "call_module":
+            site = _module_site(gm, node)
+        if site is None:
+            continue
+        site = dataclasses.replace(site, call_index=counts[site.name])
+        counts[site.name] += 1
+        sites.append(site)
+    if config is None:
+        return sites
+    from .targeting import select_targets
+
+    selection = select_targets(config, sites, model=model)
+    return selection.annotate(sites)
