@@ -281,6 +281,17 @@ class IA3Model(nn.Module):
             for k, (t, _) in expected.items():
                 t.copy_(given[k].reshape(t.shape))
 
+    def save_pretrained(self, save_directory: str, adapter_name: str | None = None) -> None:
+        """Write the adapter as PEFT does (``adapter_config.json``, ``adapter_model.safetensors``)."""
+        from .io import save_adapter_files
+
+        adapter = adapter_name or self.active_adapter
+        config = self.peft_config[adapter].copy()
+        config.inference_mode = True  # PEFT always saves true
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(self.model, "name_or_path", None) or None
+        save_adapter_files(save_directory, config, self.adapter_state_dict(adapter))
+
     def __repr__(self) -> str:
         n = sum(1 for s in self.call_sites if s.targeted)
         return (
