@@ -192,10 +192,22 @@ class IA3Config:
         if unknown:
             warnings.warn(f"Unexpected keys in the IA3 config were ignored: {unknown}", stacklevel=2)
         kwargs = {k: v for k, v in data.items() if k in names}
+        ff, targets = kwargs.get("feedforward_modules"), kwargs.get("target_modules")
+        lexical_mismatch = (
+            isinstance(ff, list) and isinstance(targets, list) and not set(ff).issubset(targets)
+        )
+        if lexical_mismatch:
+            # PEFT writes such files itself (all-linear targets saved as full names beside a suffix
+            # feedforward list) and then cannot reload them; the names still mean something, so
+            # read them, and let matching decide.
+            kwargs["feedforward_modules"] = None
         with warnings.catch_warnings():
             # a saved config with init_ia3_weights=False describes how it was made, not a new draw
             warnings.simplefilter("ignore", UserWarning)
-            return cls(**kwargs)
+            config = cls(**kwargs)
+        if lexical_mismatch:
+            config.feedforward_modules = set(ff)
+        return config
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
