@@ -1,15 +1,20 @@
-"""``IA3Model``: a base model, its (IA)³ vectors, and the rewritten graphs that run them.
+"""``IA3Model``: a base model, its (IA)³ adapters, and the rewritten graphs that run them.
 
-The vectors live once, in ``self.ia3_l``; every captured graph (one per input signature and
-train/eval mode, since dropout is baked into a trace) reads the same parameters, and the base
-weights stay the user's own parameter objects. Nothing here edits the user's modules: graphs get
-fresh containers, and ``modules_to_save`` copies are separate modules.
+The vectors live once, in ``self.ia3_l[adapter]``; every captured graph (one per input signature
+and train/eval mode, since dropout is baked into a trace) reads them through *slots*
+(``gm.ia3_l.<layer>.<input|output>``). What a slot holds follows the adapter state: the active
+adapter's parameter, the product of several active ones, or ones when adapters are disabled or
+merged. So switching adapters rebinds attributes and never retraces. The base weights stay the
+user's own parameter objects; merging replaces their data and keeps the originals, so unmerge is
+exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +22,13 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .capture import accepts, input_signature, trace
+from .capture import _copy_graph, accepts, input_signature, trace
 from .config import IA3Config
 from .errors import AdapterLoadError
-from .passes import insert_scales, redirect_modules_to_save
+from .passes import fold_scales, insert_scales, redirect_modules_to_save, slot_attr
+from .passes._graph import SAVED_ROOT, set_module, set_tensor
+from .passes.fold import SharedWeightError
+from .scaling import fold_bias, fold_weight
 from .sites import CallSite, find_call_sites, get_attr_path
 from .targeting import Selection, Target, select_targets
 
@@ -28,6 +36,7 @@ __all__ = ["IA3Model", "get_ia3_model", "plan", "Plan", "PEFT_PREFIX"]
 
 PEFT_PREFIX = "base_model.model."
 _ANY = "*"
+Slot = tuple[str, str]
 
 
 def _key(name: str) -> str:
@@ -39,6 +48,10 @@ def _vector_dtype(weight: torch.Tensor, autocast: bool) -> torch.dtype:
     if autocast and weight.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return weight.dtype if weight.is_floating_point() else torch.float32
+
+
+def _slot(target: Target) -> Slot:
+    return (target.name, "input" if target.feedforward else "output")
 
 
 class IA3Model(nn.Module):
@@ -74,34 +87,41 @@ class IA3Model(nn.Module):
         self._selections: dict[str, Selection] = {}
         self.ia3_l = nn.ModuleDict()
         self.modules_to_save = nn.ModuleDict()
-        self.active_adapter = adapter_name
+        self._active: list[str] = [adapter_name]
+        self._disabled = False
+        self._merged: list[str] = []
+        self._originals: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+        self._product_slots: list[Slot] = []
 
-        sites = find_call_sites(graph)
-        selection = select_targets(config, sites, model=model if retraceable else None)
+        self._sites0 = find_call_sites(graph)
+        selection = select_targets(config, self._sites0, model=self._layer_model)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self._add_vectors(adapter_name, selection, graph)
-        self._install(graph, sites)
+        self._add_adapter_state(adapter_name, selection, graph)
+        self._install(graph, self._sites0)
         self._graph_key = self._cache_key(graph)
         self._graphs[self._graph_key] = [graph]
+        self._update_trainable()
 
-    # --- vectors -------------------------------------------------------------------------------
+    @property
+    def _layer_model(self) -> nn.Module | None:
+        return self.model if self._retraceable else None
+
+    # --- adapter state -------------------------------------------------------------------------
     def _weight_of(self, name: str, graph: GraphModule | None = None) -> torch.Tensor:
         try:
             return self.model.get_submodule(name).weight
         except AttributeError:
             pass
         for path in (name, f"{name}.weight"):
-            for root in (self.model, graph):
-                if root is None:
-                    continue
+            for root in (self.model, graph or self.graph_module):
                 try:
                     return get_attr_path(root, path)
                 except AttributeError:
                     continue
         raise KeyError(f"cannot find the weight of layer {name!r}")
 
-    def _add_vectors(self, adapter: str, selection: Selection, graph: GraphModule | None) -> None:
+    def _add_adapter_state(self, adapter: str, selection: Selection, graph: GraphModule | None = None) -> None:
         cfg = selection.config
         vectors = nn.ParameterDict()
         for name, target in selection.targets.items():
@@ -111,19 +131,37 @@ class IA3Model(nn.Module):
                 data = torch.ones(target.shape, dtype=dtype, device=w.device)
             else:
                 data = torch.randn(target.shape, dtype=dtype, device=w.device)
-            vectors[_key(name)] = nn.Parameter(data, requires_grad=not cfg.inference_mode)
+            vectors[_key(name)] = nn.Parameter(data, requires_grad=False)
         saved = nn.ModuleDict()
-        for module in selection.modules_to_save:
-            if not self._retraceable:
-                break
-            clone = copy.deepcopy(self.model.get_submodule(module))
-            for p in clone.parameters():
-                p.requires_grad_(not cfg.inference_mode)
-            saved[_key(module)] = clone
+        if self._retraceable:
+            for module in selection.modules_to_save:
+                saved[_key(module)] = copy.deepcopy(self.model.get_submodule(module))
         self.ia3_l[adapter] = vectors
         self.modules_to_save[adapter] = saved
         self.peft_config[adapter] = cfg
         self._selections[adapter] = selection
+
+    def _slots(self, adapter: str) -> dict[Slot, nn.Parameter]:
+        store = self.ia3_l[adapter]
+        return {_slot(t): store[_key(name)] for name, t in self._selections[adapter].targets.items()}
+
+    def _all_slots(self) -> dict[Slot, nn.Parameter]:
+        out: dict[Slot, nn.Parameter] = {}
+        for adapter in self.ia3_l:
+            for slot, vec in self._slots(adapter).items():
+                out.setdefault(slot, vec)
+        return out
+
+    def _saved_modules(self, adapter: str) -> dict[str, nn.Module]:
+        store = self.modules_to_save[adapter]
+        return {m: store[_key(m)] for m in self._selections[adapter].modules_to_save if _key(m) in store}
+
+    def _all_saved(self) -> dict[str, nn.Module]:
+        out: dict[str, nn.Module] = {}
+        for adapter in self.modules_to_save:
+            for m, clone in self._saved_modules(adapter).items():
+                out.setdefault(m, clone)
+        return out
 
     @property
     def targets(self) -> dict[str, Target]:
@@ -132,26 +170,77 @@ class IA3Model(nn.Module):
 
     def get_vector(self, name: str, adapter_name: str | None = None) -> nn.Parameter:
         """The vector of layer ``name`` (in-graph shape: ``(n,)`` for linear, ``(C, 1, 1)`` for conv)."""
-        adapter = adapter_name or self.active_adapter
-        return self.ia3_l[adapter][_key(name)]
+        return self.ia3_l[adapter_name or self.active_adapter][_key(name)]
 
-    def _vectors(self, adapter: str) -> dict[str, torch.Tensor]:
-        store = self.ia3_l[adapter]
-        return {name: store[_key(name)] for name in self._selections[adapter].targets}
+    # --- what the graphs read ------------------------------------------------------------------
+    def _slot_value(self, slot: Slot, template: torch.Tensor) -> torch.Tensor:
+        if self._disabled or self._merged:
+            return torch.ones_like(template, requires_grad=False)
+        vecs = [self._slots(a)[slot] for a in self._active if slot in self._slots(a)]
+        if not vecs:
+            return torch.ones_like(template, requires_grad=False)
+        out = vecs[0]
+        for v in vecs[1:]:
+            out = out * v  # several active adapters multiply, as in PEFT
+        return out
 
-    def _saved_modules(self, adapter: str) -> dict[str, nn.Module]:
-        store = self.modules_to_save[adapter]
-        return {m: store[_key(m)] for m in self._selections[adapter].modules_to_save if _key(m) in store}
+    def _saved_value(self, module: str) -> nn.Module:
+        if not self._disabled:
+            for adapter in self._active:
+                saved = self._saved_modules(adapter)
+                if module in saved:
+                    return saved[module]
+        return self.model.get_submodule(module)
+
+    def _bind(self, graph: GraphModule, only: Sequence[Slot] | None = None) -> None:
+        info = graph.meta["ia3fx"]
+        slots = info["slots"] if only is None else [s for s in only if s in info["slots"]]
+        templates = self._all_slots()
+        for slot in slots:
+            set_tensor(graph, slot_attr(*slot), self._slot_value(slot, templates[slot]))
+        if only is None:
+            for module in info["saved"]:
+                set_module(graph, f"{SAVED_ROOT}.{module}", self._saved_value(module))
+
+    def _rebind_all(self) -> None:
+        multi = [
+            slot for slot in self._all_slots()
+            if sum(slot in self._slots(a) for a in self._active) > 1
+        ]
+        self._product_slots = [] if (self._disabled or self._merged) else multi
+        for graph in self.graph_modules:
+            self._bind(graph)
+
+    def _install(self, graph: GraphModule, sites: list[CallSite] | None = None) -> None:
+        """Insert every adapter's slots and modules_to_save redirects, then bind the state."""
+        raw = sites if sites is not None else find_call_sites(graph)
+        slots = self._all_slots()
+        insert_scales(graph, raw, slots)
+        saved = self._all_saved()
+        redirect_modules_to_save(graph, saved)
+        info = graph.meta.setdefault("ia3fx", {})
+        info.update(raw_sites=raw, slots=list(slots), saved=list(saved))
+        self._bind(graph)
+
+    def _extend_graphs(self) -> None:
+        """After a new adapter: add its slots and redirects to every graph captured so far."""
+        slots, saved = self._all_slots(), self._all_saved()
+        for graph in self.graph_modules:
+            info = graph.meta["ia3fx"]
+            insert_scales(graph, info["raw_sites"], {s: v for s, v in slots.items() if s not in info["slots"]})
+            redirect_modules_to_save(graph, {m: c for m, c in saved.items() if m not in info["saved"]})
+            info.update(slots=list(slots), saved=list(saved))
+        self._rebind_all()
+
+    def _update_trainable(self) -> None:
+        for adapter in self.ia3_l:
+            on = adapter in self._active and not self._disabled and not self.peft_config[adapter].inference_mode
+            for p in self.ia3_l[adapter].parameters():
+                p.requires_grad_(on)
+            for p in self.modules_to_save[adapter].parameters():
+                p.requires_grad_(on)
 
     # --- graphs --------------------------------------------------------------------------------
-    def _install(self, graph: GraphModule, sites: list[CallSite] | None = None) -> list[CallSite]:
-        adapter = self.active_adapter
-        sites = self._selections[adapter].annotate(sites if sites is not None else find_call_sites(graph))
-        insert_scales(graph, sites, self._vectors(adapter))
-        redirect_modules_to_save(graph, self._saved_modules(adapter))
-        graph.meta.setdefault("ia3fx", {})["call_sites"] = sites
-        return sites
-
     def _cache_key(self, graph: GraphModule) -> tuple:
         info = graph.meta.get("ia3fx", {})
         mode = self.training if self._retraceable else None
@@ -171,7 +260,10 @@ class IA3Model(nn.Module):
         return graph
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._graph_for(args, kwargs)(*args, **kwargs)
+        graph = self._graph_for(args, kwargs)
+        if self._product_slots:  # a fresh product each call, so gradients reach every adapter
+            self._bind(graph, self._product_slots)
+        return graph(*args, **kwargs)
 
     @property
     def graph_module(self) -> GraphModule:
@@ -185,14 +277,17 @@ class IA3Model(nn.Module):
 
     @property
     def call_sites(self) -> list[CallSite]:
-        """The call sites of :attr:`graph_module`, each saying whether and how it is scaled."""
-        return list(self.graph_module.meta["ia3fx"]["call_sites"])
+        """The call sites of :attr:`graph_module`, as the active adapter scales them."""
+        return self._selections[self.active_adapter].annotate(self.graph_module.meta["ia3fx"]["raw_sites"])
 
     def _apply(self, fn: Callable, recurse: bool = True) -> IA3Model:  # type: ignore[override]
         # graphs are not submodules (their names would shadow the model's), but hold buffers
         super()._apply(fn, recurse)
         for graph in self.graph_modules:
             graph._apply(fn, recurse)
+        for param, original in list(self._originals.values()):
+            self._originals[id(param)] = (param, fn(original))
+        self._rebind_all()
         return self
 
     def get_base_model(self) -> nn.Module:
@@ -205,6 +300,252 @@ class IA3Model(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
+
+    # --- several adapters ----------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active[0] if self._active else next(iter(self.ia3_l))
+
+    def add_adapter(self, adapter_name: str, config: IA3Config) -> None:
+        """Add an adapter, inactive and frozen as in PEFT; existing graphs gain its slots."""
+        if not isinstance(config, IA3Config):
+            raise ValueError(f"add_adapter takes an ia3fx.IA3Config (peft_type IA3), got {type(config).__name__}")
+        if adapter_name in self.ia3_l:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or pick another name")
+        selection = select_targets(config, self._sites0, model=self._layer_model)
+        self._add_adapter_state(adapter_name, selection)
+        self._extend_graphs()
+        self._update_trainable()
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Make these adapters active (several multiply); the others are frozen."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.ia3_l]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; adapters: {list(self.ia3_l)}")
+        owners: dict[str, str] = {}
+        for n in names:
+            for m in self._saved_modules(n):
+                if m in owners:
+                    raise ValueError(
+                        f"adapters {owners[m]!r} and {n!r} both train a copy of {m!r} (modules_to_save); "
+                        "only one of them can be active at a time"
+                    )
+                owners[m] = n
+        if self._merged:
+            warnings.warn("Adapters were merged; unmerging them before switching.", stacklevel=2)
+            self.unmerge_adapter()
+        self._active = names
+        self._update_trainable()
+        self._rebind_all()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.ia3_l:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {list(self.ia3_l)}")
+        if adapter_name in self._merged:
+            raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it")
+        del self.ia3_l[adapter_name]
+        del self.modules_to_save[adapter_name]
+        del self.peft_config[adapter_name]
+        del self._selections[adapter_name]
+        self._active = [a for a in self._active if a != adapter_name]
+        if not self._active and len(self.ia3_l):
+            self._active = [next(iter(self.ia3_l))]
+        self._update_trainable()
+        self._rebind_all()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside, outputs equal the base model's; on exit every state is as it was (merged too)."""
+        was_disabled = self._disabled
+        swapped = self._swap_originals() if self._merged else []
+        self._disabled = True
+        self._update_trainable()
+        self._rebind_all()
+        try:
+            yield
+        finally:
+            for param, data in swapped:
+                param.data = data
+            self._disabled = was_disabled
+            self._update_trainable()
+            self._rebind_all()
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
+        """A new adapter whose vectors are ``Σ wᵢ·lᵢ`` (PEFT's math: a missing layer counts as 0)."""
+        if adapter_name in self.ia3_l:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists (PEFT would silently do nothing)")
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError("add_weighted_adapter needs as many weights as adapters, at least one")
+        unknown = [a for a in adapters if a not in self.ia3_l]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; adapters: {list(self.ia3_l)}")
+        saved = [m for a in adapters for m in self._selections[a].modules_to_save]
+        if len(saved) != len(set(saved)) or (saved and len(adapters) > 1):
+            raise ValueError(
+                f"cannot combine adapters that train copies of modules (modules_to_save: {sorted(set(saved))})"
+            )
+        targets: dict[str, Target] = {}
+        for a in adapters:
+            for name, t in self._selections[a].targets.items():
+                if name in targets and targets[name].feedforward != t.feedforward:
+                    raise ValueError(
+                        f"layer {name!r} scales its input in one adapter and its output in another; "
+                        "their vectors cannot be summed"
+                    )
+                targets.setdefault(name, t)
+        cfg = self._combined_config([self.peft_config[a] for a in adapters])
+        selection = Selection(cfg, targets, {}, [])
+        self._add_adapter_state(adapter_name, selection)
+        with torch.no_grad():
+            for name in targets:
+                total = self.ia3_l[adapter_name][_key(name)]
+                total.zero_()
+                for a, w in zip(adapters, weights):
+                    if _key(name) in self.ia3_l[a]:
+                        total.add_(self.ia3_l[a][_key(name)].to(total.dtype), alpha=w)
+        self._extend_graphs()
+        self._update_trainable()
+
+    @staticmethod
+    def _combined_config(configs: list[IA3Config]) -> IA3Config:
+        cfg = configs[0].copy()
+        for field_name in ("target_modules", "feedforward_modules"):
+            values = [getattr(c, field_name) for c in configs]
+            if all(isinstance(v, str) for v in values):
+                setattr(cfg, field_name, "|".join(f"({v})" for v in values))
+            elif all(isinstance(v, (set, list)) for v in values):
+                setattr(cfg, field_name, set().union(*values))
+            else:
+                raise ValueError(f"all adapters must give {field_name} as regex strings, or all as lists")
+        return cfg
+
+    # --- merging -------------------------------------------------------------------------------
+    def _layer_params(self, target: Target) -> tuple[str, nn.Parameter, str | None, nn.Parameter | None]:
+        name = target.name
+        try:
+            module = self.model.get_submodule(name)
+            if isinstance(getattr(module, "weight", None), nn.Parameter):
+                bias = module.bias if isinstance(getattr(module, "bias", None), nn.Parameter) else None
+                return f"{name}.weight", module.weight, (f"{name}.bias" if bias is not None else None), bias
+        except AttributeError:
+            pass
+        for path in (name, f"{name}.weight"):
+            try:
+                return path, self.model.get_parameter(path), None, None
+            except AttributeError:
+                continue
+        raise KeyError(f"cannot find the weight of layer {name!r}")
+
+    def _check_unshared(self, target: Target, path: str, param: nn.Parameter) -> None:
+        aliases = [n for n, p in self.model.named_parameters(remove_duplicate=False) if p is param and n != path]
+        if aliases:
+            raise SharedWeightError(
+                f"cannot merge the vector of {target.name!r}: its weight {path!r} is the same tensor as "
+                f"{aliases[0]!r} (tied weights), which would be scaled too. Exclude {target.name!r}, or "
+                "untie the weights (clone one of them) before merging."
+            )
+
+    def _merge_plan(self, names: Sequence[str], safe_merge: bool) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """Every new weight and bias tensor, computed before anything is assigned."""
+        new: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+        for adapter in names:
+            store = self.ia3_l[adapter]
+            for name, target in self._selections[adapter].targets.items():
+                w_path, weight, _, bias = self._layer_params(target)
+                self._check_unshared(target, w_path, weight)
+                vec = store[_key(name)].detach()
+                w_now = new.get(id(weight), (weight, weight.detach()))[1]
+                w_new = fold_weight(w_now, vec, target.kind, target.feedforward, target.groups)
+                if safe_merge and not torch.isfinite(w_new).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                new[id(weight)] = (weight, w_new)
+                if bias is not None and not target.feedforward:
+                    b_now = new.get(id(bias), (bias, bias.detach()))[1]
+                    b_new = fold_bias(b_now, vec, target.kind, False, weight.dtype)
+                    if safe_merge and not torch.isfinite(b_new).all():
+                        raise ValueError(f"NaNs detected in the merged bias. The adapter {adapter} seems to be broken")
+                    new[id(bias)] = (bias, b_new)
+        return list(new.values())
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters into the base weights in place; the originals are kept for an exact unmerge.
+
+        All new weights are computed (and, with ``safe_merge``, checked for NaN/inf) before any is
+        assigned: a failure leaves every weight as it was.
+        """
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of names, not the string {adapter_names!r}")
+        names = list(adapter_names) if adapter_names is not None else list(self._active)
+        unknown = [n for n in names if n not in self.ia3_l]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; adapters: {list(self.ia3_l)}")
+        names = [n for n in names if n not in self._merged]
+        if not names:
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
+            return
+        updates = self._merge_plan(names, safe_merge)
+        with torch.no_grad():
+            for param, data in updates:
+                self._originals.setdefault(id(param), (param, param.data))
+                param.data = data
+        self._merged.extend(names)
+        self._rebind_all()
+
+    def _swap_originals(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        swapped = []
+        for param, original in self._originals.values():
+            swapped.append((param, param.data))
+            param.data = original
+        return swapped
+
+    def unmerge_adapter(self) -> None:
+        """Put the original weights back, bit for bit (no division, unlike PEFT)."""
+        if not self._merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        self._swap_originals()
+        self._originals.clear()
+        self._merged.clear()
+        self._rebind_all()
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return list(self._merged)
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
+        """Merge, then return the user's model class with merged weights and trained head copies."""
+        if not self._retraceable:
+            raise ValueError("merge_and_unload needs the original nn.Module; for a graph use merged_graph_module()")
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        for module, clone in self._saved_modules(self.active_adapter).items():
+            parent, _, child = module.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, child, clone)
+        self._originals.clear()
+        return self.model
+
+    def unload(self) -> nn.Module:
+        """Return the base model as it was: unmerged, original modules."""
+        if self._merged:
+            self.unmerge_adapter()
+        return self.model
+
+    def merged_graph_module(self) -> GraphModule:
+        """A copy of :attr:`graph_module` with the active adapters folded in: the base graph's ops only."""
+        src = self.graph_module
+        graph = GraphModule(src, _copy_graph(src), type(src).__name__)
+        graph.meta.update({k: v for k, v in src.meta.items() if k != "ia3fx"})
+        graph.meta["ia3fx"] = dict(src.meta["ia3fx"])
+        for slot in graph.meta["ia3fx"]["slots"]:  # bind fresh detached values
+            set_tensor(graph, slot_attr(*slot), get_attr_path(src, slot_attr(*slot)).detach().clone())
+        fold_scales(graph)
+        return graph
 
     # --- PEFT's counting -----------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -280,6 +621,8 @@ class IA3Model(nn.Module):
         with torch.no_grad():
             for k, (t, _) in expected.items():
                 t.copy_(given[k].reshape(t.shape))
+        if self._product_slots:
+            self._rebind_all()
 
     def save_pretrained(self, save_directory: str, adapter_name: str | None = None) -> None:
         """Write the adapter as PEFT does (``adapter_config.json``, ``adapter_model.safetensors``)."""
@@ -295,8 +638,8 @@ class IA3Model(nn.Module):
     def __repr__(self) -> str:
         n = sum(1 for s in self.call_sites if s.targeted)
         return (
-            f"IA3Model(adapter={self.active_adapter!r}, layers={len(self.targets)}, "
-            f"scaled call sites={n}, model={type(self.model).__name__})"
+            f"IA3Model(adapters={list(self.ia3_l)}, active={self._active}, layers={len(self.targets)}, "
+            f"scaled call sites={n}, merged={self._merged}, model={type(self.model).__name__})"
         )
 
 
@@ -364,4 +707,3 @@ def plan(model: nn.Module | GraphModule | torch.export.ExportedProgram, config: 
     sites = find_call_sites(graph)
     selection = select_targets(config, sites, model=model if retraceable else None)
     return Plan(selection.config, selection.annotate(sites), selection.targets, selection.skipped, selection.modules_to_save)
-

@@ -38,6 +38,7 @@ class Layer:
     in_features: int = 0
     out_features: int = 0
     module_type: str = ""
+    groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Target:
     feedforward: bool
     in_features: int
     out_features: int
+    groups: int = 1
 
     @property
     def size(self) -> int:
@@ -108,7 +110,7 @@ def _module_layer(name: str, module: nn.Module) -> Layer:
         return Layer(name, "conv1d", int(w.shape[0]), int(w.shape[1]), module_type)
     if isinstance(module, (nn.Conv2d, nn.Conv3d)):
         kind = "conv2d" if isinstance(module, nn.Conv2d) else "conv3d"
-        return Layer(name, kind, module.in_channels, module.out_channels, module_type)
+        return Layer(name, kind, module.in_channels, module.out_channels, module_type, module.groups)
     return Layer(name, None, module_type=module_type)
 
 
@@ -124,7 +126,9 @@ def model_layers(model: nn.Module | None, sites: Iterable[CallSite]) -> list[Lay
     for site in sites:
         if site.name not in seen:
             seen.add(site.name)
-            layers.append(Layer(site.name, site.kind, site.in_features, site.out_features, site.module_type))
+            layers.append(
+                Layer(site.name, site.kind, site.in_features, site.out_features, site.module_type, site.groups)
+            )
     return layers
 
 
@@ -259,7 +263,9 @@ def select_targets(
                 "Name the linear layers inside it instead."
             )
         ff = _feedforward(layer.name, cfg.feedforward_modules)
-        targets[layer.name] = Target(layer.name, layer.kind, ff, layer.in_features, layer.out_features)
+        targets[layer.name] = Target(
+            layer.name, layer.kind, ff, layer.in_features, layer.out_features, layer.groups
+        )
     if cfg.exclude_modules and not n_excluded:
         warnings.warn(
             f"You have passed exclude_modules={cfg.exclude_modules} but no modules were excluded. "

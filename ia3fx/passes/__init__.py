@@ -1,6 +1,16 @@
 """Graph passes: each takes a GraphModule (and what it needs) and returns it with a small record."""
 
-from .insert import InsertResult, insert_scales
+from .fold import FoldResult, SharedWeightError, fold_scales
+from .insert import InsertResult, insert_scales, slot_attr
 from .modules_to_save import RedirectResult, redirect_modules_to_save
 
-__all__ = ["InsertResult", "insert_scales", "RedirectResult", "redirect_modules_to_save"]
+__all__ = [
+    "FoldResult",
+    "InsertResult",
+    "RedirectResult",
+    "SharedWeightError",
+    "fold_scales",
+    "insert_scales",
+    "redirect_modules_to_save",
+    "slot_attr",
+]

@@ -1,8 +1,10 @@
-"""``insert_scales``: one multiply by a vector per targeted call site.
+"""``insert_scales``: one multiply by a vector per targeted call site and placement.
 
 Attention-type sites get their output scaled (bias included, as PEFT's wrapper does), feedforward
-sites their input. The graph reads the vectors through ``get_attr`` nodes under ``gm.ia3_l``; the
-vectors themselves belong to whoever passes them in, so several graphs can share them.
+sites their input. The graph reads each vector through a ``get_attr`` of
+``gm.ia3_l.<layer>.<placement>`` (a *slot*); what is bound there (one adapter's parameter, a
+product of several, or ones when adapters are off) is the caller's choice, so switching adapters
+never needs a new trace, and several graphs can share the same parameters.
 """
 
 from __future__ import annotations
@@ -16,16 +18,18 @@ from torch.fx import GraphModule, Node
 from ..sites import CallSite, get_attr_path
 from ._graph import VECTOR_ROOT, set_tensor, tag
 
-__all__ = ["InsertResult", "insert_scales", "vector_attr"]
+__all__ = ["InsertResult", "insert_scales", "slot_attr", "Slot", "PLACEMENTS"]
 
 aten = torch.ops.aten
+PLACEMENTS = ("input", "output")
+Slot = tuple[str, str]  # (layer name, "input" | "output")
 
 
 @dataclass
 class InsertResult:
-    """What ``insert_scales`` did: the scale nodes it added, per layer name."""
+    """What ``insert_scales`` did: the scale nodes it added, per slot."""
 
-    inserted: dict[str, list[str]] = field(default_factory=dict)
+    inserted: dict[Slot, list[str]] = field(default_factory=dict)
     already_scaled: int = 0
 
     @property
@@ -33,11 +37,11 @@ class InsertResult:
         return sum(len(v) for v in self.inserted.values())
 
 
-def vector_attr(name: str) -> str:
-    return f"{VECTOR_ROOT}.{name}"
+def slot_attr(layer: str, placement: str) -> str:
+    return f"{VECTOR_ROOT}.{layer}.{placement}"
 
 
-def _input_node(gm: GraphModule, node: Node, site: CallSite) -> Node:
+def _input_node(node: Node, site: CallSite) -> Node:
     index = 1 if site.kind in ("conv1d", "functional_addmm") and node.op == "call_function" else 0
     x = node.args[index]
     if not isinstance(x, Node):
@@ -45,58 +49,84 @@ def _input_node(gm: GraphModule, node: Node, site: CallSite) -> Node:
     return x
 
 
+def _slots(sites: Sequence[CallSite], vectors: Mapping) -> dict[Slot, torch.Tensor]:
+    slots: dict[Slot, torch.Tensor] = {}
+    for key, value in vectors.items():
+        if isinstance(key, tuple):
+            if key[1] not in PLACEMENTS:
+                raise ValueError(f"slot {key}: placement must be one of {PLACEMENTS}")
+            slots[key] = value
+    for site in sites:
+        if site.targeted and site.name in vectors:
+            slots[(site.name, site.scale)] = vectors[site.name]
+    return slots
+
+
 def insert_scales(
     gm: GraphModule,
     sites: Sequence[CallSite],
-    vectors: Mapping[str, torch.Tensor],
+    vectors: Mapping[str | Slot, torch.Tensor],
 ) -> tuple[GraphModule, InsertResult]:
-    """Scale every targeted site in ``sites`` by ``vectors[site.name]``; idempotent."""
+    """Scale call sites by vectors; idempotent (a slot already in the graph is left alone).
+
+    ``vectors`` maps a layer name to its vector (placed where the annotated site says: input if
+    feedforward, else output) or a ``(layer, placement)`` slot to a vector.
+    """
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
+    slots = _slots(sites, vectors)
     result = InsertResult()
-    for name in {s.name for s in sites if s.targeted}:
-        if name not in vectors:
-            raise KeyError(f"no vector for targeted layer {name!r}")
-        set_tensor(gm, vector_attr(name), vectors[name])
+    for (layer, placement), vec in slots.items():
+        set_tensor(gm, slot_attr(layer, placement), vec)
     for site in sites:
-        if not site.targeted:
+        node = nodes.get(site.node)
+        if node is None:
             continue
-        node = nodes[site.node]
-        if node.meta.get("ia3fx_scaled"):
-            result.already_scaled += 1
-            continue
-        vec = vectors[site.name]
-        weight = get_attr_path(gm, site.weight)
-        cast = vec.dtype != weight.dtype  # half bases keep fp32 vectors; round once, as PEFT
-        info = dict(layer=site.name, scale=site.scale)
-        if site.feedforward:
-            x = _input_node(gm, node, site)
-            with graph.inserting_before(node):
-                v = graph.get_attr(vector_attr(site.name))
-                last = mul = graph.call_function(aten.mul.Tensor, (x, v))
-                if cast:
-                    last = graph.call_function(aten.type_as.default, (mul, x))
-            node.replace_input_with(x, last)
-            new = [v, mul] + ([last] if cast else [])
-        else:
-            with graph.inserting_after(node):
-                v = graph.get_attr(vector_attr(site.name))
-            with graph.inserting_after(v):
-                mul = graph.call_function(aten.mul.Tensor, (node, v))
-            last = mul
-            if cast:
-                with graph.inserting_after(mul):
-                    last = graph.call_function(aten.type_as.default, (mul, node))
-            keep = {mul, last}
-            node.replace_all_uses_with(last, delete_user_cb=lambda u: u not in keep)
-            new = [v, mul] + ([last] if cast else [])
-        for n, role in zip(new, ("vector", "scale", "cast")):
-            tag(n, node, role=role, **info)
-        src = x if site.feedforward else node
-        if "val" in src.meta:
-            last.meta["val"] = src.meta["val"]
-        node.meta["ia3fx_scaled"] = site.scale
-        result.inserted.setdefault(site.name, []).append(mul.name)
+        for placement in PLACEMENTS:
+            slot = (site.name, placement)
+            if slot not in slots:
+                continue
+            done = node.meta.get("ia3fx_scaled", ())
+            if placement in done:
+                result.already_scaled += 1
+                continue
+            mul = _insert(gm, node, site, placement, slots[slot])
+            node.meta["ia3fx_scaled"] = (*done, placement)  # a new tuple: graph copies share meta
+            result.inserted.setdefault(slot, []).append(mul.name)
     graph.lint()
     gm.recompile()
     return gm, result
+
+
+def _insert(gm: GraphModule, node: Node, site: CallSite, placement: str, vec: torch.Tensor) -> Node:
+    graph = gm.graph
+    weight = get_attr_path(gm, site.weight)
+    cast = vec.dtype != weight.dtype  # half bases keep fp32 vectors; round once, as PEFT
+    target = slot_attr(site.name, placement)
+    if placement == "input":
+        x = _input_node(node, site)
+        with graph.inserting_before(node):
+            v = graph.get_attr(target)
+            last = mul = graph.call_function(aten.mul.Tensor, (x, v))
+            if cast:
+                last = graph.call_function(aten.type_as.default, (mul, x))
+        node.replace_input_with(x, last)
+        src = x
+    else:
+        with graph.inserting_after(node):
+            v = graph.get_attr(target)
+        with graph.inserting_after(v):
+            mul = graph.call_function(aten.mul.Tensor, (node, v))
+        last = mul
+        if cast:
+            with graph.inserting_after(mul):
+                last = graph.call_function(aten.type_as.default, (mul, node))
+        keep = {mul, last}
+        node.replace_all_uses_with(last, delete_user_cb=lambda u: u not in keep)
+        src = node
+    new = [v, mul] + ([last] if cast else [])
+    for n, role in zip(new, ("vector", "scale", "cast")):
+        tag(n, node, role=role, layer=site.name, scale=placement, site=node.name)
+    if "val" in src.meta:
+        last.meta["val"] = src.meta["val"]
+    return mul
