@@ -129,6 +129,148 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if losses[-1] < losses[0] else 1
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .offline import merge_checkpoint
+
+    try:
+        report = merge_checkpoint(args.base, args.adapter, args.out, force=args.force)
+    except KeyboardInterrupt:
+        print(f"ia3fx merge: interrupted; {args.out} was not written", file=sys.stderr)
+        return 130
+    print(report.summary())
+    return 0
+
+
+# --- apply / viz / report ---------------------------------------------------------------------------
+class _Progress:
+    """Named steps on a tqdm bar on stderr, shown only when stderr is a terminal."""
+
+    def __init__(self, command: str, steps: Sequence[str]) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=len(steps), file=sys.stderr, disable=not sys.stderr.isatty(), leave=False,
+            bar_format="{desc} [{n_fmt}/{total_fmt}, {elapsed}]",
+        )
+        self._command = command
+        self._started = False
+
+    def step(self, name: str) -> None:
+        if self._started:
+            self._bar.update(1)
+        self._started = True
+        self._bar.set_description_str(f"ia3fx {self._command}: {name}")
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _load_for_graph(args: argparse.Namespace) -> nn.Module:
+    """The model; with ``--meta`` built from its config on the meta device (no weights read or allocated)."""
+    if not getattr(args, "meta", False):
+        return load_model(args.model)
+    spec = args.model
+    if os.path.isdir(spec):
+        spec = os.path.join(spec, "config.json")  # weights are not needed to see the graph
+        if not os.path.isfile(spec):
+            raise ValueError(f"{args.model} has no config.json")
+    with torch.device("meta"):
+        return load_model(spec)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .config import CONFIG_NAME
+    from .model import get_ia3_model
+
+    if os.path.isfile(os.path.join(args.out, CONFIG_NAME)) and not args.force:
+        raise ValueError(f"{args.out} already holds an adapter; pass --force to replace it")
+    config = config_from_args(args)
+    if args.init_ia3_weights is not None:
+        config.init_ia3_weights = args.init_ia3_weights
+    torch.manual_seed(args.seed)
+    progress = _Progress("apply", ["load model", "trace and rewrite", "save"])
+    try:
+        progress.step("load model")
+        model = load_model(args.model)
+        progress.step("trace and rewrite")
+        ia3 = get_ia3_model(model, config)
+        progress.step("save")
+        ia3.save_pretrained(args.out)
+    finally:
+        progress.close()
+    n = sum(t.size for t in ia3.targets.values())
+    scaled = sum(s.targeted for s in ia3.call_sites)
+    print(f"adapter saved in PEFT format to {args.out}/ (adapter_config.json, adapter_model.safetensors): "
+          f"{len(ia3.targets)} vectors, {n:,d} parameters, {scaled} of {len(ia3.call_sites)} call sites scaled")
+    return 0
+
+
+def cmd_viz(args: argparse.Namespace) -> int:
+    from .model import get_ia3_model
+    from .viz import _BITMAP, _SOURCE, draw
+
+    suffix = os.path.splitext(args.out)[1].lower()
+    if suffix not in _SOURCE + tuple(_BITMAP):
+        raise ValueError(f"cannot tell the format from --out {args.out!r}: use .svg, .png, .pdf or .dot")
+    config = config_from_args(args)
+    progress = _Progress("viz", ["load model", "trace and rewrite", f"draw {suffix}"])
+    try:
+        progress.step("load model")
+        model = _load_for_graph(args)
+        progress.step("trace and rewrite")
+        ia3 = get_ia3_model(model, config)
+        progress.step(f"draw {suffix}")
+        t0 = time.perf_counter()
+        graph = draw(ia3, args.out, view=args.view, expand=args.expand, legend=not args.no_legend)
+        took = time.perf_counter() - t0
+    finally:
+        progress.close()
+    title = graph.graph_attr.get("label", "").replace("\\n", "; ")
+    print(f"wrote {args.out} in {took:.2f} s ({title})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from .analysis import report
+
+    config = config_from_args(args)
+    progress = _Progress("report", ["load model", "trace and match"])
+    try:
+        progress.step("load model")
+        model = _load_for_graph(args)
+        progress.step("trace and match")
+        result = report(model, config)
+    finally:
+        progress.close()
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.text())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+    from .io import read_adapter_files
+    from .model import get_ia3_model
+
+    flags = ("config", "target_modules", "feedforward_modules", "exclude_modules", "modules_to_save", "task_type")
+    given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
+    if args.adapter and given:
+        raise ValueError(f"--adapter takes its settings from {args.adapter}; drop {', '.join(given)}")
+    model = load_model(args.model)
+    if args.adapter:
+        config, tensors = read_adapter_files(args.adapter)
+        ia3 = get_ia3_model(model, config)
+        ia3.load_adapter_state_dict(tensors)
+    else:
+        ia3 = get_ia3_model(model, config_from_args(args))
+    t0 = time.perf_counter()
+    path = export(ia3, args.out, format=args.format, merged=not args.unmerged, overwrite=args.force)
+    how = "scale nodes kept" if args.unmerged else "merged"
+    print(f"wrote {path} ({args.format}, {how}, {len(ia3.targets)} adapted layers) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ia3fx", description="(IA)³ adapters by graph rewriting")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +284,50 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, default=0.05)
     d.add_argument("--out", default="ia3fx-demo-out", help="directory for the adapter files")
     d.set_defaults(func=cmd_demo)
+    m = sub.add_parser("merge", help="merge a PEFT IA3 adapter into a safetensors checkpoint on disk, offline")
+    m.add_argument("--base", required=True, help="transformers model directory (config.json + safetensors)")
+    m.add_argument("--adapter", required=True, help="PEFT IA3 adapter directory")
+    m.add_argument("--out", required=True, help="directory to write the merged checkpoint to")
+    m.add_argument("--force", action="store_true", help="replace --out if it exists (once the new one is complete)")
+    m.set_defaults(func=cmd_merge)
+    model_help = f"preset ({', '.join(PRESETS)}), transformers directory, or config .json"
+    meta_help = "build the model from its config on the meta device: no weights read or allocated (big models)"
+    a = sub.add_parser("apply", help="save an initialised (IA)³ adapter for a model, in PEFT format")
+    a.add_argument("model", help=model_help)
+    _add_adapter_flags(a)
+    a.add_argument("--out", required=True, help="directory for adapter_config.json and adapter_model.safetensors")
+    a.add_argument("--init-ia3-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="ones (PEFT's default) or, with --no-init-ia3-weights, random vectors")
+    a.add_argument("--seed", type=int, default=0, help="seed for random vectors")
+    a.add_argument("--force", action="store_true", help="replace an adapter already in --out")
+    a.set_defaults(func=cmd_apply)
+    v = sub.add_parser("viz", help="draw the adapted graph (SVG, PNG, PDF, or DOT source)")
+    v.add_argument("model", help=model_help)
+    _add_adapter_flags(v)
+    v.add_argument("--out", required=True, help="graph.svg, graph.png, graph.pdf or graph.dot (no Graphviz needed)")
+    v.add_argument("--view", choices=["folded", "full", "diff"], default="folded",
+                   help="folded: repeated blocks once, as × N (default); full: every node; diff: what the rewrite added")
+    v.add_argument("--expand", action="append", metavar="PATH",
+                   help="module to draw in full inside the folded view, e.g. model.layers.3 (repeatable)")
+    v.add_argument("--no-legend", action="store_true")
+    v.add_argument("--meta", action="store_true", help=meta_help)
+    v.set_defaults(func=cmd_viz)
+    r = sub.add_parser("report", help="call sites found, matched and skipped (why), sizes per block, tied weights")
+    r.add_argument("model", help=model_help)
+    _add_adapter_flags(r)
+    r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.add_argument("--meta", action="store_true", help=meta_help)
+    r.set_defaults(func=cmd_report)
+    x = sub.add_parser("export", help="export the adapted model: merged pt2, ONNX, or a transformers checkpoint")
+    x.add_argument("model", help=f"preset ({', '.join(PRESETS)}), transformers directory, or config .json")
+    x.add_argument("--format", choices=["pt2", "onnx", "transformers"], default="pt2")
+    x.add_argument("--out", required=True, help="file (pt2, onnx) or directory (transformers) to write")
+    x.add_argument("--adapter", help="PEFT IA3 adapter directory to export (instead of the adapter flags)")
+    _add_adapter_flags(x)
+    x.add_argument("--unmerged", action="store_true", help="keep the scale nodes, vectors as parameters (pt2, onnx)")
+    x.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                   help="replace --out if it exists (once the new one is complete)")
+    x.set_defaults(func=cmd_export)
     return parser
 
 

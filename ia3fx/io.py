@@ -1,14 +1,29 @@
 """PEFT-format adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Writes are atomic: every file goes to a temporary name in the target directory and is renamed
-into place only when all of them are written, so a failure leaves the previous files intact.
+Layout as PEFT's ``save_pretrained``: the adapter named ``default`` goes into the directory itself,
+any other into ``<directory>/<adapter name>/``. Tensors are keyed
+``base_model.model.<module>.ia3_l`` (and ``base_model.model.<module>.<param>`` for
+``modules_to_save``), shaped as PEFT stores them.
+
+Writes are atomic per adapter: every file goes to a temporary name in the target directory first;
+only when all are written are they renamed into place, and if a rename fails the files already
+replaced are put back. A failure or an interrupt (``KeyboardInterrupt``) therefore leaves the
+previous files as they were, and no temporary file behind.
+
+Reading accepts ``adapter_model.safetensors`` or, failing that, ``adapter_model.bin`` through
+``torch.load(weights_only=True)``: no other pickle is ever loaded.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,49 +31,237 @@ from safetensors.torch import load_file, save_file
 from .config import CONFIG_NAME, IA3Config
 from .errors import AdapterLoadError
 
-__all__ = ["WEIGHTS_NAME", "save_adapter_files", "read_adapter_files"]
+if TYPE_CHECKING:
+    from .targeting import Target
+
+__all__ = [
+    "WEIGHTS_NAME",
+    "BIN_WEIGHTS_NAME",
+    "adapter_directory",
+    "config_for_peft",
+    "peft_can_reload",
+    "save_adapter_files",
+    "read_adapter_files",
+]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_WEIGHTS_NAME = "adapter_model.bin"
 
 
+def adapter_directory(save_directory: str | os.PathLike, adapter_name: str) -> str:
+    """Where PEFT puts an adapter: the directory itself for ``default``, else a subdirectory."""
+    save_directory = os.fspath(save_directory)
+    return save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
+
+
+# --- writing -----------------------------------------------------------------------------------
 def _temp_path(directory: str, name: str) -> str:
     fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     os.close(fd)
     return path
 
 
+def _fsync(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _remove(path: str | None) -> None:
+    if path and os.path.lexists(path):
+        os.remove(path)
+
+
+def _backup(final: str, directory: str) -> str | None:
+    """A second name for the current ``final`` (a hard link, or a copy where links fail)."""
+    if not os.path.exists(final):
+        return None
+    backup = _temp_path(directory, os.path.basename(final) + ".bak")
+    os.remove(backup)
+    try:
+        os.link(final, backup)
+    except OSError:
+        shutil.copy2(final, backup)
+    return backup
+
+
+def _commit(staged: list[tuple[str, str]], directory: str) -> None:
+    """Rename every staged file into place; on any failure put the previous files back."""
+    backups: list[tuple[str, str | None]] = []
+    done: list[int] = []
+    try:
+        for _, final in staged:
+            backups.append((final, _backup(final, directory)))
+        for i, (tmp, final) in enumerate(staged):
+            os.replace(tmp, final)
+            done.append(i)
+    except BaseException:
+        for i in reversed(done):
+            final, backup = backups[i]
+            if backup is not None:
+                os.replace(backup, final)
+            else:
+                _remove(final)
+        raise
+    finally:
+        for _, backup in backups:
+            _remove(backup)
+        for tmp, _ in staged:
+            _remove(tmp)
+
+
 def save_adapter_files(
     directory: str | os.PathLike, config: IA3Config, state_dict: Mapping[str, torch.Tensor]
 ) -> None:
-    """Write config and tensors into ``directory`` (created if needed), atomically per file set."""
+    """Write config and tensors into ``directory`` (created if needed), atomically as a set."""
     directory = os.fspath(directory)
+    if os.path.isfile(directory):
+        raise ValueError(f"Provided path ({directory}) should be a directory, not a file")
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    text = config.to_json_string()
     staged: list[tuple[str, str]] = []
     try:
         tmp = _temp_path(directory, WEIGHTS_NAME)
         staged.append((tmp, os.path.join(directory, WEIGHTS_NAME)))
         save_file(tensors, tmp, metadata={"format": "pt"})
+        _fsync(tmp)
         tmp = _temp_path(directory, CONFIG_NAME)
         staged.append((tmp, os.path.join(directory, CONFIG_NAME)))
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(config.to_json_string())
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
     except BaseException:
         for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            _remove(tmp)
         raise
-    for tmp, final in staged:
-        os.replace(tmp, final)
+    _commit(staged, directory)
+
+
+# --- the config PEFT can reload ----------------------------------------------------------------
+def peft_can_reload(config: IA3Config) -> bool:
+    """PEFT's ``IA3Config.__post_init__`` check: list targets and list feedforward modules must be
+    subsets *as strings* (``model.layers.0.mlp.down_proj`` is not ``down_proj`` to it)."""
+    targets, ff = config.target_modules, config.feedforward_modules
+    if targets is None or ff is None:
+        return False
+    if isinstance(targets, (set, list, tuple)) and isinstance(ff, (set, list, tuple)):
+        return set(ff).issubset(set(targets))
+    return True
+
+
+def _alternation(names: list[str]) -> str:
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def config_for_peft(
+    config: IA3Config,
+    targets: Mapping[str, Target],
+    modules_to_save: list[str],
+    reselect: Callable[[IA3Config], tuple[dict[str, bool], list[str]] | None],
+) -> IA3Config:
+    """The config to write for an adapter whose layers are ``targets``: PEFT reloads it, and
+    PEFT's matching (which ``reselect`` runs on the same model) picks exactly these layers with
+    exactly these placements again.
+
+    Tried in order, the first that passes wins:
+
+    1. the resolved config as PEFT itself would write it (default targets for the model type,
+       ``all-linear`` expanded to full names): suffix lists like ``["k_proj", "v_proj",
+       "down_proj"]`` / ``["down_proj"]`` or the user's regexes stay as they are;
+    2. both lists as the full names of the layers targeted / feedforward (what PEFT writes for
+       ``all-linear``, but with the feedforward list in the same form, which PEFT cannot reload
+       otherwise);
+    3. both as regexes of the escaped full names (exact under ``re.fullmatch``).
+    """
+    want = ({name: t.feedforward for name, t in targets.items()}, list(modules_to_save))
+    names = list(targets)
+    ff_names = [n for n, t in targets.items() if t.feedforward]
+
+    resolved = config.copy()
+    full = config.copy()
+    full.target_modules, full.feedforward_modules = set(names), set(ff_names)
+    regex = config.copy()
+    regex.target_modules = _alternation(names)
+    regex.feedforward_modules = _alternation(ff_names) if ff_names else set()
+
+    chosen = regex
+    for candidate in (resolved, full):
+        if peft_can_reload(candidate) and reselect(candidate) == want:
+            chosen = candidate
+            break
+    fan_in_fan_out = chosen.fan_in_fan_out
+    for t in targets.values():  # PEFT saves the value of the last layer it wrapped
+        if t.kind == "linear":
+            fan_in_fan_out = False
+        elif t.kind == "conv1d":
+            fan_in_fan_out = True
+    chosen.fan_in_fan_out = fan_in_fan_out
+    return chosen
+
+
+# --- reading -----------------------------------------------------------------------------------
+def _adapters_below(directory: str) -> list[str]:
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    return [e for e in entries if os.path.isfile(os.path.join(directory, e, CONFIG_NAME))]
+
+
+def _read_config(directory: str) -> IA3Config:
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        below = _adapters_below(directory)
+        hint = (
+            f"; it holds adapters in subdirectories {below} (PEFT saves adapters not named 'default' "
+            f"there): pass {os.path.join(directory, below[0])!r}"
+            if below
+            else ""
+        )
+        raise AdapterLoadError(f"{directory} is not an adapter directory: it has no {CONFIG_NAME}{hint}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data: Any = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterLoadError(f"{path} is not a readable JSON file: {e}") from e
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"{path} holds a JSON {type(data).__name__}, not an adapter config object")
+    if "peft_type" not in data:
+        raise AdapterLoadError(f"{path} has no 'peft_type': it is not a PEFT adapter config")
+    if str(data["peft_type"]) != "IA3":
+        raise AdapterLoadError(
+            f"{path} is a {data['peft_type']} adapter (peft_type={data['peft_type']!r}); ia3fx only reads IA3 adapters"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. PEFT fields of newer versions
+            return IA3Config.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise AdapterLoadError(f"{path} is not a valid IA3 config: {e}") from e
+
+
+def _check_tensors(tensors: Any, path: str) -> dict[str, torch.Tensor]:
+    if not isinstance(tensors, Mapping):
+        raise AdapterLoadError(f"{path} holds a {type(tensors).__name__}, not a mapping of names to tensors")
+    bad = [k for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise AdapterLoadError(f"{path}: entries that are not tensors under string names: {bad[:5]}")
+    return dict(tensors)
 
 
 def read_adapter_files(directory: str | os.PathLike) -> tuple[IA3Config, dict[str, torch.Tensor]]:
-    """Read a PEFT IA3 adapter directory (safetensors preferred, ``.bin`` as weights only)."""
+    """Read a PEFT IA3 adapter directory (safetensors preferred, ``.bin`` as weights only).
+
+    Every problem is an :class:`~ia3fx.AdapterLoadError` naming the file: not a directory, no
+    ``adapter_config.json`` (with a hint when adapters sit in subdirectories), another PEFT type,
+    an invalid config, no weights file, an unreadable one, or a pickle that is not plain tensors.
+    """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
-        raise AdapterLoadError(f"{directory} is not a directory")
-    config = IA3Config.from_pretrained(directory)
+        what = "a file" if os.path.isfile(directory) else "missing"
+        raise AdapterLoadError(f"{directory} is not an adapter directory ({what})")
+    config = _read_config(directory)
     st = os.path.join(directory, WEIGHTS_NAME)
     binary = os.path.join(directory, BIN_WEIGHTS_NAME)
     if os.path.isfile(st):
@@ -66,8 +269,14 @@ def read_adapter_files(directory: str | os.PathLike) -> tuple[IA3Config, dict[st
             tensors = load_file(st)
         except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
             raise AdapterLoadError(f"{st} is not a readable safetensors file: {e}") from e
-    elif os.path.isfile(binary):
-        tensors = torch.load(binary, map_location="cpu", weights_only=True)
-    else:
-        raise AdapterLoadError(f"no {WEIGHTS_NAME} or {BIN_WEIGHTS_NAME} in {directory}")
-    return config, tensors
+        return config, _check_tensors(tensors, st)
+    if os.path.isfile(binary):
+        try:
+            tensors = torch.load(binary, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - UnpicklingError, EOFError, RuntimeError, ...
+            raise AdapterLoadError(
+                f"{binary} could not be read as plain tensors (torch.load with weights_only=True; "
+                f"no other pickle is loaded): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from e
+        return config, _check_tensors(tensors, binary)
+    raise AdapterLoadError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME} or {BIN_WEIGHTS_NAME}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,11 +23,12 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .capture import _copy_graph, accepts, input_signature, trace
+from .capture import _copy_graph, accepts, input_signature, normalize_inputs, trace
 from .config import IA3Config
-from .errors import AdapterLoadError
-from .passes import fold_scales, insert_scales, redirect_modules_to_save, slot_attr
-from .passes._graph import SAVED_ROOT, set_module, set_tensor
+from .errors import AdapterLoadError, NoMatchingModuleError
+from .passes import cleanup_graph, fold_scales, insert_scales, redirect_modules_to_save, slot_attr
+from .passes._lazy import defer_recompile, realize
+from .passes._graph import SAVED_ROOT, container, set_module, set_tensor
 from .passes.fold import SharedWeightError
 from .scaling import fold_bias, fold_weight
 from .sites import CallSite, find_call_sites, get_attr_path
@@ -48,6 +50,17 @@ def _vector_dtype(weight: torch.Tensor, autocast: bool) -> torch.dtype:
     if autocast and weight.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return weight.dtype if weight.is_floating_point() else torch.float32
+
+
+def _rebind_tensor(owner: nn.Module, attr: str, value: torch.Tensor) -> None:
+    """``set_tensor`` for an attribute that already exists, without walking the path again."""
+    if isinstance(value, nn.Parameter):
+        owner._buffers.pop(attr, None)
+        owner._parameters[attr] = value
+    else:
+        owner._parameters.pop(attr, None)
+        owner._buffers[attr] = value
+        owner._non_persistent_buffers_set.add(attr)
 
 
 def _slot(target: Target) -> Slot:
@@ -133,9 +146,9 @@ class IA3Model(nn.Module):
                 data = torch.randn(target.shape, dtype=dtype, device=w.device)
             vectors[_key(name)] = nn.Parameter(data, requires_grad=False)
         saved = nn.ModuleDict()
-        if self._retraceable:
-            for module in selection.modules_to_save:
-                saved[_key(module)] = copy.deepcopy(self.model.get_submodule(module))
+        # a GraphModule / ExportedProgram keeps each module as a container (or leaf layer): copy that
+        for module in selection.modules_to_save:
+            saved[_key(module)] = copy.deepcopy(self.model.get_submodule(module))
         self.ia3_l[adapter] = vectors
         self.modules_to_save[adapter] = saved
         self.peft_config[adapter] = cfg
@@ -173,10 +186,17 @@ class IA3Model(nn.Module):
         return self.ia3_l[adapter_name or self.active_adapter][_key(name)]
 
     # --- what the graphs read ------------------------------------------------------------------
-    def _slot_value(self, slot: Slot, template: torch.Tensor) -> torch.Tensor:
-        if self._disabled or self._merged:
-            return torch.ones_like(template, requires_grad=False)
-        vecs = [self._slots(a)[slot] for a in self._active if slot in self._slots(a)]
+    def _live_slots(self) -> list[dict[Slot, nn.Parameter]]:
+        """The slot maps of the adapters the graphs apply: active, not merged (folded), not disabled."""
+        if self._disabled:
+            return []
+        return [self._slots(a) for a in self._active if a not in self._merged]
+
+    def _slot_value(
+        self, slot: Slot, template: torch.Tensor, live: list[dict[Slot, nn.Parameter]] | None = None
+    ) -> torch.Tensor:
+        live = self._live_slots() if live is None else live
+        vecs = [slots[slot] for slots in live if slot in slots]
         if not vecs:
             return torch.ones_like(template, requires_grad=False)
         out = vecs[0]
@@ -192,27 +212,54 @@ class IA3Model(nn.Module):
                     return saved[module]
         return self.model.get_submodule(module)
 
-    def _bind(self, graph: GraphModule, only: Sequence[Slot] | None = None) -> None:
+    def _bind(
+        self,
+        graph: GraphModule,
+        only: Sequence[Slot] | None = None,
+        live: list[dict[Slot, nn.Parameter]] | None = None,
+        templates: dict[Slot, nn.Parameter] | None = None,
+    ) -> None:
         info = graph.meta["ia3fx"]
         slots = info["slots"] if only is None else [s for s in only if s in info["slots"]]
-        templates = self._all_slots()
+        live = self._live_slots() if live is None else live
+        templates = self._all_slots() if templates is None else templates
+        owners = info.get("slot_owners")
+        if owners is None or owners[0] is not graph:  # a copy of the graph finds its own owners
+            owners = info["slot_owners"] = (graph, {})
         for slot in slots:
-            set_tensor(graph, slot_attr(*slot), self._slot_value(slot, templates[slot]))
+            # a slot whose adapters were all deleted keeps its node: it reads ones of its old shape
+            template = templates.get(slot)
+            if template is None:
+                template = get_attr_path(graph, slot_attr(*slot))
+            value = self._slot_value(slot, template, live)
+            owner = owners[1].get(slot)
+            if owner is None:
+                path = slot_attr(*slot)
+                set_tensor(graph, path, value)
+                parent, _, attr = path.rpartition(".")
+                owners[1][slot] = (graph.get_submodule(parent), attr)
+            else:  # the attribute exists: rebinding is a dict assignment (switching is per call site)
+                _rebind_tensor(*owner, value)
         if only is None:
             for module in info["saved"]:
                 set_module(graph, f"{SAVED_ROOT}.{module}", self._saved_value(module))
 
     def _rebind_all(self) -> None:
-        multi = [
-            slot for slot in self._all_slots()
-            if sum(slot in self._slots(a) for a in self._active) > 1
-        ]
-        self._product_slots = [] if (self._disabled or self._merged) else multi
+        # slot maps are built once per rebind, so that switching costs O(call sites), not O(n²)
+        live = self._live_slots()
+        counts: dict[Slot, int] = {}
+        for slots in live:
+            for slot in slots:
+                counts[slot] = counts.get(slot, 0) + 1
+        self._product_slots = [slot for slot, n in counts.items() if n > 1]
+        templates = self._all_slots()
         for graph in self.graph_modules:
-            self._bind(graph)
+            self._bind(graph, live=live, templates=templates)
 
     def _install(self, graph: GraphModule, sites: list[CallSite] | None = None) -> None:
         """Insert every adapter's slots and modules_to_save redirects, then bind the state."""
+        defer_recompile(graph)  # one code generation, at the first call, instead of one per pass
+        cleanup_graph(graph)
         raw = sites if sites is not None else find_call_sites(graph)
         slots = self._all_slots()
         insert_scales(graph, raw, slots)
@@ -268,12 +315,12 @@ class IA3Model(nn.Module):
     @property
     def graph_module(self) -> GraphModule:
         """The first captured graph, rewritten (the one ``get_ia3_model`` traced)."""
-        return self._graphs[self._graph_key][0]
+        return realize(self._graphs[self._graph_key][0])
 
     @property
     def graph_modules(self) -> list[GraphModule]:
         """Every graph captured so far (one per input signature and mode)."""
-        return [g for graphs in self._graphs.values() for g in graphs]
+        return [realize(g) for graphs in self._graphs.values() for g in graphs]
 
     @property
     def call_sites(self) -> list[CallSite]:
@@ -362,6 +409,9 @@ class IA3Model(nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Inside, outputs equal the base model's; on exit every state is as it was (merged too)."""
         was_disabled = self._disabled
+        # requires_grad of every adapter tensor comes back exactly as it was (a vector the user froze
+        # by hand stays frozen), where PEFT re-derives it from the active adapters on exit
+        grads = [(p, p.requires_grad) for p in (*self.ia3_l.parameters(), *self.modules_to_save.parameters())]
         swapped = self._swap_originals() if self._merged else []
         self._disabled = True
         self._update_trainable()
@@ -372,7 +422,8 @@ class IA3Model(nn.Module):
             for param, data in swapped:
                 param.data = data
             self._disabled = was_disabled
-            self._update_trainable()
+            for param, flag in grads:
+                param.requires_grad_(flag)
             self._rebind_all()
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
@@ -385,9 +436,10 @@ class IA3Model(nn.Module):
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; adapters: {list(self.ia3_l)}")
         saved = [m for a in adapters for m in self._selections[a].modules_to_save]
-        if len(saved) != len(set(saved)) or (saved and len(adapters) > 1):
+        if len(saved) != len(set(saved)):
             raise ValueError(
-                f"cannot combine adapters that train copies of modules (modules_to_save: {sorted(set(saved))})"
+                "Cannot add weighted adapters targeting the same module with modules_to_save: "
+                f"{sorted(m for m in set(saved) if saved.count(m) > 1)}"
             )
         targets: dict[str, Target] = {}
         for a in adapters:
@@ -399,13 +451,15 @@ class IA3Model(nn.Module):
                     )
                 targets.setdefault(name, t)
         cfg = self._combined_config([self.peft_config[a] for a in adapters])
-        selection = Selection(cfg, targets, {}, [])
+        # as PEFT: the new adapter trains its own copies of the first adapter's modules_to_save,
+        # made from the original modules (so that its files hold them and reload)
+        selection = Selection(cfg, targets, {}, list(self._selections[adapters[0]].modules_to_save))
         self._add_adapter_state(adapter_name, selection)
         with torch.no_grad():
             for name in targets:
                 total = self.ia3_l[adapter_name][_key(name)]
                 total.zero_()
-                for a, w in zip(adapters, weights):
+                for a, w in zip(adapters, weights, strict=True):
                     if _key(name) in self.ia3_l[a]:
                         total.add_(self.ia3_l[a][_key(name)].to(total.dtype), alpha=w)
         self._extend_graphs()
@@ -536,15 +590,24 @@ class IA3Model(nn.Module):
             self.unmerge_adapter()
         return self.model
 
-    def merged_graph_module(self) -> GraphModule:
-        """A copy of :attr:`graph_module` with the active adapters folded in: the base graph's ops only."""
-        src = self.graph_module
+    def merged_graph_module(self, example_inputs: Any = None) -> GraphModule:
+        """A copy of :attr:`graph_module` with the active adapters folded in: the base graph's ops only.
+
+        With ``example_inputs``, the copy is of the graph for inputs like these in the current
+        train/eval mode (captured first if new) instead.
+        """
+        src = self.graph_module if example_inputs is None else self._graph_for(*normalize_inputs(example_inputs))
         graph = GraphModule(src, _copy_graph(src), type(src).__name__)
+        copied = dict(graph.named_modules())
+        for path, module in src.named_modules():  # the copy registers every buffer as persistent
+            if module._non_persistent_buffers_set and path in copied:
+                copied[path]._non_persistent_buffers_set.update(module._non_persistent_buffers_set)
         graph.meta.update({k: v for k, v in src.meta.items() if k != "ia3fx"})
         graph.meta["ia3fx"] = dict(src.meta["ia3fx"])
         for slot in graph.meta["ia3fx"]["slots"]:  # bind fresh detached values
             set_tensor(graph, slot_attr(*slot), get_attr_path(src, slot_attr(*slot)).detach().clone())
         fold_scales(graph)
+        _swap_in_saved_copies(graph)
         return graph
 
     # --- PEFT's counting -----------------------------------------------------------------------
@@ -581,27 +644,37 @@ class IA3Model(nn.Module):
             for k, (t, shape) in self._expected_state(adapter).items()
         }
 
-    def load_adapter_state_dict(
-        self, state_dict: Mapping[str, torch.Tensor], adapter_name: str | None = None
-    ) -> None:
-        """Set the adapter from a PEFT-layout state dict; all-or-nothing, with a precise error."""
-        adapter = adapter_name or self.active_adapter
-        if adapter not in self.ia3_l:
-            raise AdapterLoadError(f"no adapter named {adapter!r}; adapters: {list(self.ia3_l)}")
-        expected = self._expected_state(adapter)
+    def _expected_shapes(self, selection: Selection) -> dict[str, tuple[int, ...]]:
+        """The keys and shapes of an adapter's PEFT state dict, from its selection alone."""
+        out = {f"{PEFT_PREFIX}{name}.ia3_l": t.peft_shape for name, t in selection.targets.items()}
+        for module in selection.modules_to_save:
+            for k, t in self.model.get_submodule(module).state_dict().items():
+                out[f"{PEFT_PREFIX}{module}.{k}"] = tuple(t.shape)
+        return out
+
+    @staticmethod
+    def _fit_state_dict(
+        expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, torch.Tensor], adapter: str
+    ) -> dict[str, torch.Tensor]:
+        """``state_dict`` keyed as ``expected`` (PEFT's in-memory suffixes accepted), or an error
+        listing every missing, unexpected and mis-shaped tensor."""
         given: dict[str, torch.Tensor] = {}
         for k, v in state_dict.items():
             for suffix in (f".ia3_l.{adapter}", ".ia3_l.default"):
                 if k.endswith(suffix):
                     k = k[: -len(suffix)] + ".ia3_l"
                     break
+            for segment in (f".modules_to_save.{adapter}.", ".modules_to_save.default."):
+                k = k.replace(segment, ".")
+            if not isinstance(v, torch.Tensor):
+                raise AdapterLoadError(f"state dict entry {k!r} is a {type(v).__name__}, not a tensor. Nothing was loaded.")
             given[k] = v
         missing = sorted(set(expected) - set(given))
         unexpected = sorted(set(given) - set(expected))
         bad = [
-            f"{k}: got {tuple(given[k].shape)}, expected {expected[k][1]}"
+            f"{k}: got {tuple(given[k].shape)}, expected {expected[k]}"
             for k in sorted(set(given) & set(expected))
-            if tuple(given[k].shape) != expected[k][1]
+            if tuple(given[k].shape) != tuple(expected[k])
         ]
         problems = []
         if missing:
@@ -618,22 +691,157 @@ class IA3Model(nn.Module):
                 f"state dict does not fit adapter {adapter!r}: " + "; ".join(problems) + hint
                 + ". Nothing was loaded."
             )
+        return given
+
+    def load_adapter_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], adapter_name: str | None = None
+    ) -> None:
+        """Set the adapter from a PEFT-layout state dict; all-or-nothing, with a precise error."""
+        adapter = adapter_name or self.active_adapter
+        if adapter not in self.ia3_l:
+            raise AdapterLoadError(f"no adapter named {adapter!r}; adapters: {list(self.ia3_l)}")
+        expected = self._expected_state(adapter)
+        given = self._fit_state_dict({k: shape for k, (_, shape) in expected.items()}, state_dict, adapter)
         with torch.no_grad():
             for k, (t, _) in expected.items():
                 t.copy_(given[k].reshape(t.shape))
         if self._product_slots:
             self._rebind_all()
 
-    def save_pretrained(self, save_directory: str, adapter_name: str | None = None) -> None:
-        """Write the adapter as PEFT does (``adapter_config.json``, ``adapter_model.safetensors``)."""
-        from .io import save_adapter_files
+    def _config_to_save(self, adapter: str) -> IA3Config:
+        """The adapter's config as PEFT can reload it, selecting the same layers (see ``io.config_for_peft``)."""
+        from .io import config_for_peft
 
-        adapter = adapter_name or self.active_adapter
-        config = self.peft_config[adapter].copy()
+        selection = self._selections[adapter]
+
+        def reselect(cfg: IA3Config) -> tuple[dict[str, bool], list[str]] | None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    again = select_targets(cfg, self._sites0, model=self._layer_model)
+            except ValueError:
+                return None
+            return {n: t.feedforward for n, t in again.targets.items()}, list(again.modules_to_save)
+
+        config = config_for_peft(selection.config, selection.targets, list(selection.modules_to_save), reselect)
         config.inference_mode = True  # PEFT always saves true
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(self.model, "name_or_path", None) or None
-        save_adapter_files(save_directory, config, self.adapter_state_dict(adapter))
+        if config.task_type is None and self._retraceable:  # PEFT's hint for AutoPeftModel
+            cls = type(self.model)
+            config.auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+        return config
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        adapter_name: str | None = None,
+        *,
+        selected_adapters: Sequence[str] | None = None,
+    ) -> None:
+        """Write adapters as PEFT does: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+        Like PEFT's ``save_pretrained``, every adapter by default, or ``selected_adapters``, or the
+        one ``adapter_name``. ``default`` goes into ``save_directory``, any other adapter into
+        ``save_directory/<name>/``. Each adapter's files are replaced atomically.
+        """
+        from .io import adapter_directory, save_adapter_files
+
+        if adapter_name is not None and selected_adapters is not None:
+            raise ValueError("pass adapter_name or selected_adapters, not both")
+        if adapter_name is not None:
+            names = [adapter_name]
+        elif selected_adapters is not None:
+            names = [selected_adapters] if isinstance(selected_adapters, str) else list(selected_adapters)
+        else:
+            names = list(self.ia3_l)
+        unknown = [n for n in names if n not in self.ia3_l]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; adapters: {list(self.ia3_l)}")
+        for adapter in names:
+            save_adapter_files(
+                adapter_directory(save_directory, adapter), self._config_to_save(adapter), self.adapter_state_dict(adapter)
+            )
+
+    @staticmethod
+    def _config_for_loading(config: IA3Config, is_trainable: bool) -> tuple[IA3Config, bool]:
+        config.inference_mode = not is_trainable
+        init = config.init_ia3_weights
+        config.init_ia3_weights = True  # the vectors are read from the file, not drawn (no RNG use)
+        return config, init
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module | GraphModule | torch.export.ExportedProgram,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        example_inputs: Any = None,
+        *,
+        autocast_adapter_dtype: bool = True,
+    ) -> IA3Model:
+        """Adapt ``model`` with the PEFT IA3 adapter saved in directory ``model_id``.
+
+        Reads what PEFT writes (safetensors, or ``adapter_model.bin`` through
+        ``torch.load(weights_only=True)``), including configs PEFT cannot reload itself (``all-linear``
+        with a feedforward list). A problem with the files or a mismatch with the model raises
+        :class:`~ia3fx.AdapterLoadError` and leaves ``model`` as it was. ``.eval()`` unless
+        ``is_trainable``, as PEFT.
+        """
+        from .io import read_adapter_files
+
+        config, tensors = read_adapter_files(model_id)
+        config, init = cls._config_for_loading(config, is_trainable)
+        params = list(model.parameters()) if isinstance(model, nn.Module) else []
+        flags = [p.requires_grad for p in params]
+        try:
+            try:
+                adapted = cls(model, config, adapter_name, example_inputs, autocast_adapter_dtype=autocast_adapter_dtype)
+                adapted.load_adapter_state_dict(tensors, adapter_name)
+            except (AdapterLoadError, NoMatchingModuleError) as e:
+                raise AdapterLoadError(f"cannot load the adapter in {os.fspath(model_id)}: {e}") from e
+        except BaseException:
+            for p, flag in zip(params, flags, strict=True):
+                p.requires_grad_(flag)
+            raise
+        adapted.peft_config[adapter_name].init_ia3_weights = init
+        if not is_trainable:
+            adapted.eval()
+        return adapted
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add the PEFT IA3 adapter saved in directory ``model_id`` as ``adapter_name`` (inactive).
+
+        Everything is checked (files, config, every tensor's key and shape) before the model is
+        touched: on any error nothing was added. ``.eval()`` unless ``is_trainable``, as PEFT.
+        Unlike PEFT, an existing ``adapter_name`` is an error rather than a reload into it.
+        """
+        from .io import read_adapter_files
+
+        if adapter_name in self.ia3_l:
+            raise ValueError(
+                f"an adapter named {adapter_name!r} already exists; delete_adapter() it first, or load its "
+                "tensors with load_adapter_state_dict()"
+            )
+        config, tensors = read_adapter_files(model_id)
+        config, init = self._config_for_loading(config, is_trainable)
+        where = os.fspath(model_id)
+        try:
+            selection = select_targets(config, self._sites0, model=self._layer_model)
+            self._fit_state_dict(self._expected_shapes(selection), tensors, adapter_name)
+        except (AdapterLoadError, NoMatchingModuleError) as e:
+            raise AdapterLoadError(f"cannot load the adapter in {where}: {e}") from e
+        try:
+            self.add_adapter(adapter_name, config)
+            self.load_adapter_state_dict(tensors, adapter_name)
+        except BaseException:
+            if adapter_name in self.ia3_l:
+                self.delete_adapter(adapter_name)
+            raise
+        self.peft_config[adapter_name].init_ia3_weights = init
+        if not is_trainable:
+            self.eval()
 
     def __repr__(self) -> str:
         n = sum(1 for s in self.call_sites if s.targeted)
@@ -641,6 +849,35 @@ class IA3Model(nn.Module):
             f"IA3Model(adapters={list(self.ia3_l)}, active={self._active}, layers={len(self.targets)}, "
             f"scaled call sites={n}, merged={self._merged}, model={type(self.model).__name__})"
         )
+
+
+def _swap_in_saved_copies(graph: GraphModule) -> None:
+    """Give ``modules_to_save`` copies their originals' names in a merged graph, as
+    ``merge_and_unload`` swaps the modules, so its state dict keys are the base model's. An
+    original still read from outside its module (a tied weight) keeps its own name and tensor."""
+    prefix = f"{SAVED_ROOT}."
+    reads = {n.target for n in graph.graph.nodes if n.op == "get_attr" and not n.target.startswith(prefix)}
+    for node in graph.graph.nodes:
+        if node.op not in ("get_attr", "call_module") or not node.target.startswith(prefix):
+            continue
+        original = node.target[len(prefix):]
+        if original in reads:
+            continue
+        if node.op == "get_attr":
+            value = get_attr_path(graph, node.target)
+            parent, _, name = original.rpartition(".")
+            if isinstance(value, nn.Parameter):
+                container(graph, parent).register_parameter(name, value)
+            else:
+                container(graph, parent).register_buffer(name, value)
+        else:
+            set_module(graph, original, graph.get_submodule(node.target))
+        node.target = original
+    if not any(isinstance(n.target, str) and n.target.startswith(prefix) for n in graph.graph.nodes):
+        if hasattr(graph, SAVED_ROOT):
+            delattr(graph, SAVED_ROOT)
+    graph.graph.lint()
+    graph.recompile()
 
 
 def get_ia3_model(

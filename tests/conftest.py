@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 VOCAB = 128
+
+# The models are tiny: intra-op threads only add synchronisation (and, on a busy 2-core machine,
+# OpenMP spin-waits that make each op ~100x slower).
+torch.set_num_threads(1)
 
 
 # --- transformers families ---------------------------------------------------------------------
@@ -269,8 +272,3 @@ def peft_and_ia3(model: nn.Module, peft_kwargs: dict, example_inputs=None, seed:
 def logits(out):
     """The tensor a model call returns: ``.logits`` of a transformers output, else the output."""
     return out.logits if hasattr(out, "logits") else out
-
-
-@pytest.fixture
-def llama():
-    return tiny_llama()

@@ -1,0 +1,304 @@
+"""Export an adapted model: a ``torch.export`` program, an ONNX file, or a merged transformers checkpoint.
+
+``export(model, path, format)`` writes one of
+
+* ``"pt2"``: the eval graph re-exported with :func:`torch.export.export` and saved with
+  :func:`torch.export.save`; ``torch.export.load(path).module()`` runs it.
+* ``"onnx"``: the same program through ``torch.onnx.export(..., dynamo=True)``; the batch and
+  sequence dims stay symbolic (``batch``, ``sequence``), so other sizes run in onnxruntime.
+* ``"transformers"``: a directory that ``AutoModelFor*.from_pretrained`` loads: ``config.json``,
+  safetensors with the adapters folded in (and ``modules_to_save`` copies in place of the
+  originals), and the tokenizer files when there are any.
+
+With ``merged=True`` (the default) the exported graph is :meth:`IA3Model.merged_graph_module`: the
+base model's operations only. ``merged=False`` keeps the scale nodes, and the vectors are
+parameters of the exported program (``ia3_l.<layer>.<input|output>``).
+
+Nothing is written to the model: merged tensors are computed beside the live ones. Every output
+is written under a temporary name next to ``path`` and renamed into place when complete, and an
+existing ``path`` is only replaced with ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
+
+from .capture import _dim_spec, _dynamic_shapes, _training_mode, is_transformers_model, normalize_inputs
+from .model import IA3Model
+
+__all__ = ["FORMATS", "export", "exported_program", "merged_state_dict"]
+
+FORMATS = ("pt2", "onnx", "transformers")
+
+# files a tokenizer (or processor) leaves in a model directory, copied along with the weights
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+# --- the graph to export ------------------------------------------------------------------------
+def _synthetic_inputs(gm: GraphModule) -> tuple[tuple, dict]:
+    """Inputs shaped like the ones ``gm`` was captured with (ones: valid ids, masks and floats)."""
+    spec = getattr(gm, "_in_spec", None)
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    if spec is None or any(v is None for v in vals):
+        raise ValueError(
+            "this model's graph was captured without example inputs (torch.fx.symbolic_trace): "
+            "pass example_inputs to export it"
+        )
+    leaves = []
+    for v in vals:
+        if isinstance(v, torch.Tensor):
+            shape = [d if isinstance(d, int) else (d.node.hint or 2) for d in v.shape]
+            leaves.append(torch.ones(shape, dtype=v.dtype, device=v.device))
+        else:
+            leaves.append(v)
+    args, kwargs = pytree.tree_unflatten(leaves, spec)
+    return tuple(args), dict(kwargs)
+
+
+def _static_dims(ep: torch.export.ExportedProgram, token_dims: bool) -> list[str]:
+    """Dims asked to be dynamic that came out fixed (a re-export keeps a static capture static)."""
+    out = []
+    for node in ep.graph.nodes:
+        val = node.meta.get("val")
+        if node.op != "placeholder" or node.name not in ep.graph_signature.user_inputs:
+            continue
+        for d in _dim_spec(val, token_dims) or ():
+            if isinstance(val.shape[d], int):
+                out.append(f"{node.name} dim {d} = {val.shape[d]}")
+    return out
+
+
+def exported_program(
+    model: IA3Model, *, merged: bool = True, example_inputs: Any = None
+) -> torch.export.ExportedProgram:
+    """The model's eval graph (merged, or with its scale nodes) as a ``torch.export`` program.
+
+    ``example_inputs`` picks the graph (and is captured if new); without them, the first graph's
+    inputs are reproduced from its placeholders. Batch (and, for transformers models, sequence)
+    dims are exported as dynamic as the captured graph allows; dims that stay fixed are warned about.
+    """
+    if not isinstance(model, IA3Model):
+        raise TypeError(f"export takes an ia3fx.IA3Model, got {type(model).__name__}")
+    with _training_mode(model, False), torch.no_grad():  # deployment graph; the flags come back after
+        if example_inputs is None:
+            args, kwargs = _synthetic_inputs(model.graph_module)
+        else:
+            args, kwargs = normalize_inputs(example_inputs)
+        if merged:
+            gm = model.merged_graph_module((args, kwargs))
+        else:
+            gm = model._graph_for(args, kwargs)
+        token_dims = is_transformers_model(model.model)
+        dynamic = _dynamic_shapes(gm, args, kwargs, token_dims)
+        ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic, strict=False)
+    static = _static_dims(ep, token_dims)
+    if static:
+        warnings.warn(
+            f"the exported program has fixed sizes where dynamic ones were asked for ({', '.join(static)}): "
+            "the graph was captured that way (a size-1 or specialised example input). Build the IA3Model "
+            "with example_inputs of batch and sequence sizes >= 2 for a program that takes other sizes.",
+            stacklevel=3,
+        )
+    return ep
+
+
+# --- a merged transformers checkpoint ------------------------------------------------------------
+def merged_state_dict(model: IA3Model) -> dict[str, torch.Tensor]:
+    """The base model's state dict as the model computes now: active adapters folded, copies in place.
+
+    Nothing is modified: folded tensors are new. Tied weights are refused as in
+    :meth:`IA3Model.merge_adapter` (``SharedWeightError``). Adapters already merged in place are in
+    the weights already; inside ``disable_adapter()`` the base weights come out.
+    """
+    base = model.model
+    state = base.state_dict()
+    names: dict[int, list[str]] = {}
+    for key, t in [*base.named_parameters(remove_duplicate=False), *base.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(key)
+    pending = [] if model._disabled else [a for a in model.active_adapters if a not in model.merged_adapters]
+    if pending:
+        for param, folded in model._merge_plan(pending, safe_merge=False):
+            for key in names[id(param)]:
+                state[key] = folded
+    for module in model._all_saved():
+        chosen = model._saved_value(module)
+        for key, t in chosen.state_dict().items():
+            state[f"{module}.{key}"] = t
+    return state
+
+
+def _copy_tokenizer_files(source: str, directory: str) -> None:
+    if not source or not os.path.isdir(source):
+        return
+    for name in TOKENIZER_FILES:
+        path = os.path.join(source, name)
+        if os.path.isfile(path):
+            shutil.copy2(path, os.path.join(directory, name))
+
+
+def _write_transformers(model: IA3Model, directory: str, tokenizer: Any) -> None:
+    base = model.model
+    if not is_transformers_model(base):
+        raise TypeError(
+            f"format='transformers' needs an IA3Model built on a transformers PreTrainedModel, "
+            f"not on a {type(base).__name__}; use 'pt2' or 'onnx'"
+        )
+    base.save_pretrained(directory, state_dict=merged_state_dict(model))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    else:
+        _copy_tokenizer_files(getattr(base, "name_or_path", "") or "", directory)
+
+
+# --- ONNX -----------------------------------------------------------------------------------------
+def _output_names(ep: torch.export.ExportedProgram) -> list[str]:
+    """``logits`` for a transformers output, ``output_0``... for tuples."""
+    spec = ep.call_spec.out_spec
+    if spec is None:
+        return []
+    paths = pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(spec.num_leaves)), spec))[0]
+    names = []
+    for path, _ in paths:
+        name = re.sub(r"[^0-9A-Za-z_]+", "_", pytree.keystr(path)).strip("_") or "output"
+        names.append(f"output_{name}" if name[0].isdigit() else name)
+    return names if len(set(names)) == len(names) else []
+
+
+def _axis_names(program: Any, token_dims: bool) -> dict[str, str]:
+    """Readable names for the symbolic input dims: ``batch``, ``sequence``, else ``<input>_dim<i>``."""
+    mapping: dict[str, str] = {}
+    for value in program.model.graph.inputs:
+        for i, dim in enumerate(value.shape or ()):
+            sym = getattr(dim, "value", None)
+            if not isinstance(sym, str) or sym in mapping:
+                continue
+            name = "batch" if i == 0 else ("sequence" if i == 1 and token_dims else f"{value.name}_dim{i}")
+            if name in mapping.values():
+                name = f"{value.name}_{name}"
+            mapping[sym] = name
+    return mapping
+
+
+def _write_onnx(ep: torch.export.ExportedProgram, file: str, token_dims: bool) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        program = torch.onnx.export(ep, dynamo=True, verbose=False, output_names=_output_names(ep) or None)
+    program.rename_axes(_axis_names(program, token_dims))
+    program.save(file)
+
+
+# --- atomic writes --------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _move_into_place(staged: str, final: str) -> None:
+    """Rename ``staged`` to ``final``; an existing ``final`` is set aside first, removed only after."""
+    if os.path.isdir(staged):
+        os.chmod(staged, 0o777 & ~_umask())  # mkdtemp made it private
+    old = None
+    if os.path.lexists(final):
+        old = f"{staged}.old"
+        os.rename(final, old)
+    try:
+        os.rename(staged, final)
+    except BaseException:
+        if old is not None:
+            os.rename(old, final)
+        raise
+    if old is not None:
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.remove(old)
+
+
+# --- entry point ----------------------------------------------------------------------------------
+def export(
+    model: IA3Model,
+    path: str | os.PathLike,
+    format: str = "pt2",
+    *,
+    merged: bool = True,
+    example_inputs: Any = None,
+    overwrite: bool = False,
+    tokenizer: Any = None,
+) -> str:
+    """Write ``model`` to ``path`` as ``format`` (``"pt2"``, ``"onnx"`` or ``"transformers"``).
+
+    ``merged``: fold the active adapters into the weights (the base graph's operations only), or,
+    with ``False``, keep the scale nodes and export the vectors as parameters (pt2/onnx only).
+    ``example_inputs`` pick the graph to export (default: the inputs the model was captured with).
+    ``tokenizer`` is saved into a transformers directory; without it, tokenizer files found in the
+    base model's ``name_or_path`` directory are copied. Returns the absolute path written.
+
+    The model is not modified. The output appears only once complete; an existing ``path`` raises
+    ``FileExistsError`` unless ``overwrite=True``, and is then replaced only by a complete new one.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; use one of {FORMATS}")
+    if not isinstance(model, IA3Model):
+        raise TypeError(f"export takes an ia3fx.IA3Model, got {type(model).__name__}")
+    if format == "transformers" and not merged:
+        raise ValueError(
+            "a transformers checkpoint holds plain weights: export it with merged=True, or save the "
+            "adapter itself with IA3Model.save_pretrained"
+        )
+    out = os.path.abspath(os.fspath(path))
+    if os.path.lexists(out) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        if format == "transformers":
+            staged = os.path.join(tmp, "checkpoint")
+            os.mkdir(staged)
+            _write_transformers(model, staged, tokenizer)
+            _move_into_place(staged, out)
+            return out
+        ep = exported_program(model, merged=merged, example_inputs=example_inputs)
+        staged = os.path.join(tmp, os.path.basename(out))
+        if format == "pt2":
+            torch.export.save(ep, staged)
+        else:
+            _write_onnx(ep, staged, token_dims=is_transformers_model(model.model))
+        # ONNX models over 2 GB keep their tensors in a side file, which must be in place first
+        for name in sorted(os.listdir(tmp)):
+            if name == os.path.basename(out):
+                continue
+            side = os.path.join(parent, name)
+            if os.path.lexists(side) and not overwrite:
+                raise FileExistsError(f"{side} already exists; pass overwrite=True to replace it")
+            _move_into_place(os.path.join(tmp, name), side)
+        _move_into_place(staged, out)
+        return out
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
