@@ -28,7 +28,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", help="where to write base/, adapter/ and merged/ (default: a temporary dir)")
     args = parser.parse_args()
-    workdir = args.workdir or tempfile.mkdtemp(prefix="ia3fx-offline-merge-")
+    if args.workdir:
+        run(args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="ia3fx-offline-merge-") as workdir:
+            run(workdir)
+
+
+def run(workdir: str) -> None:
     base, adapter, merged = (os.path.join(workdir, d) for d in ("base", "adapter", "merged"))
 
     # 1. a base checkpoint, as transformers writes it (several shards + model.safetensors.index.json)

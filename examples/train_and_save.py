@@ -8,7 +8,7 @@
    up modulo 16) and check that the loss goes down;
 3. ``save_pretrained`` to a temporary directory (``adapter_config.json`` +
    ``adapter_model.safetensors``), load that directory with ``peft.PeftModel.from_pretrained``
-   and compare logits, then reload it into ia3fx and compare again.
+   and compare logits, then reload it with ``ia3fx.IA3Model.from_pretrained`` and compare again.
 
 Exits non-zero if the loss does not go down or a reloaded model disagrees.
 """
@@ -24,7 +24,6 @@ import warnings
 import torch
 
 import ia3fx
-from ia3fx.io import read_adapter_files
 from ia3fx.presets import build_preset
 
 STEPS = 30
@@ -99,9 +98,7 @@ def main() -> int:
             ok &= d < ATOL
 
         # 2) and so does ia3fx
-        config, tensors = read_adapter_files(out)
-        again = ia3fx.get_ia3_model(copy.deepcopy(base), config)
-        again.load_adapter_state_dict(tensors)
+        again = ia3fx.IA3Model.from_pretrained(copy.deepcopy(base), out)
         with torch.no_grad():
             d = max_diff(ours, again(input_ids=probe).logits)
         print(f"ia3fx reload: max |logits diff| = {d:.2e}")

@@ -290,7 +290,8 @@ class Report:
                 total = f"; together {b.parameters * (j - i):,d}"
             else:
                 label, total = b.name, ""
-            lines.append(f"  {label}: {b.vectors} vectors, {b.parameters:,d} parameters{total}: {detail}")
+            vectors = f"{b.vectors} vector{'s' if b.vectors != 1 else ''}"
+            lines.append(f"  {label}: {vectors}, {b.parameters:,d} parameters{total}: {detail}")
             i = j
         return lines
 

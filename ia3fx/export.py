@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 
 from .capture import _dim_spec, _dynamic_shapes, _training_mode, is_transformers_model, normalize_inputs
 from .model import IA3Model
+from .passes._lazy import realize
 
 __all__ = ["FORMATS", "export", "exported_program", "merged_state_dict"]
 
@@ -111,7 +112,7 @@ def exported_program(
         if merged:
             gm = model.merged_graph_module((args, kwargs))
         else:
-            gm = model._graph_for(args, kwargs)
+            gm = realize(model._graph_for(args, kwargs))  # its code (and signature) generated
         token_dims = is_transformers_model(model.model)
         dynamic = _dynamic_shapes(gm, args, kwargs, token_dims)
         ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic, strict=False)
@@ -272,7 +273,7 @@ def export(
         )
     out = os.path.abspath(os.fspath(path))
     if os.path.lexists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (ia3fx export --force) to replace it")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)

@@ -135,6 +135,14 @@ class IA3Model(nn.Module):
         raise KeyError(f"cannot find the weight of layer {name!r}")
 
     def _add_adapter_state(self, adapter: str, selection: Selection, graph: GraphModule | None = None) -> None:
+        # names key ModuleDicts, so they become attributes: "half", "train", "a.b" cannot be used
+        if not isinstance(adapter, str) or not adapter or "." in adapter or (
+            adapter not in self.ia3_l and hasattr(self.ia3_l, adapter)
+        ):
+            raise ValueError(
+                f"{adapter!r} cannot be an adapter name: it must be a non-empty string without '.' that is "
+                "not an attribute of torch.nn.Module (such as 'half', 'float', 'train', 'to')"
+            )
         cfg = selection.config
         vectors = nn.ParameterDict()
         for name, target in selection.targets.items():
@@ -795,7 +803,10 @@ class IA3Model(nn.Module):
         config, init = cls._config_for_loading(config, is_trainable)
         params = list(model.parameters()) if isinstance(model, nn.Module) else []
         flags = [p.requires_grad for p in params]
+        modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
         try:
+            if not is_trainable and modes:
+                model.eval()  # as PEFT (below); first, so that the graph captured is the eval one
             try:
                 adapted = cls(model, config, adapter_name, example_inputs, autocast_adapter_dtype=autocast_adapter_dtype)
                 adapted.load_adapter_state_dict(tensors, adapter_name)
@@ -804,6 +815,8 @@ class IA3Model(nn.Module):
         except BaseException:
             for p, flag in zip(params, flags, strict=True):
                 p.requires_grad_(flag)
+            for m, mode in modes:
+                m.training = mode
             raise
         adapted.peft_config[adapter_name].init_ia3_weights = init
         if not is_trainable:

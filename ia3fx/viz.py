@@ -24,6 +24,7 @@ needed); ``.svg``, ``.png``, ``.pdf`` run Graphviz's ``dot``.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -677,7 +678,7 @@ def _expand_list(expand: str | Sequence[str] | None, records: list[_N]) -> list[
         known.update(_prefixes(r.module) if r.module else ())
     for p in paths:
         if p not in known:
-            near = sorted(k for k in known if k.startswith(p.rpartition(".")[0]))[:6]
+            near = difflib.get_close_matches(p, sorted(known), n=5, cutoff=0.6)
             raise ValueError(
                 f"expand={p!r}: no module with that path in the graph"
                 + (f"; modules near it: {', '.join(near)}" if near else "")

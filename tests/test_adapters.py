@@ -449,3 +449,15 @@ def test_switching_needs_no_new_trace(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(disabled, base(**inputs).logits, rtol=0, atol=ATOL)
     torch.testing.assert_close(merged, outputs[("other",)], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["half", "train", "a.b", ""])
+def test_adapter_names_that_cannot_be_attributes_are_refused(name):
+    _, model, _ = mlp_pair(("a", "b"))
+    before = (list(model.ia3_l), [g.code for g in model.graph_modules], out(model))
+    with pytest.raises(ValueError, match="cannot be an adapter name"):
+        model.add_adapter(name, IA3Config(**MLP_ADAPTERS["c"]))
+    with pytest.raises(ValueError, match="cannot be an adapter name"):
+        model.add_weighted_adapter(["a", "b"], [0.5, 0.5], name)
+    assert (list(model.ia3_l), [g.code for g in model.graph_modules]) == tuple(before[:2])
+    assert torch.equal(out(model), before[2])

@@ -83,13 +83,12 @@ def cleanup_graph(gm: GraphModule) -> tuple[GraphModule, CleanupResult]:
         if reason:
             result.kept_masks[node.name] = reason
             continue
-        q, k, v = node.args[:3]
-        node.args = (q, k, v)
-        node.kwargs = {
+        kwargs = {
             "dropout_p": _sdpa_arg(node, 4, "dropout_p", 0.0),
             "is_causal": pattern == "causal",
             **{key: node.kwargs[key] for key in ("scale", "enable_gqa") if key in node.kwargs},
         }
+        node.args, node.kwargs = tuple(node.args[:3]), kwargs
         (result.causal if pattern == "causal" else result.unmasked).append(node.name)
     result.removed = _remove_dead(graph)
     if result.modified:
