@@ -70,7 +70,7 @@ def alternate(
 
 def ratio(times: dict[str, list[float]], num: str, den: str) -> dict[str, object]:
     """Median and quartiles of the per-round ratios ``num / den``."""
-    per_round = [a / b for a, b in zip(times[num], times[den])]
+    per_round = [a / b for a, b in zip(times[num], times[den], strict=True)]
     q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
     return {
         "ratio": f"{num} / {den}",
@@ -83,7 +83,7 @@ def ratio(times: dict[str, list[float]], num: str, den: str) -> dict[str, object
 
 def table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

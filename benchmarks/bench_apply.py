@@ -35,12 +35,11 @@ import sys
 import time
 
 import torch
+from _common import command, llama_config, machine, table, write_json
 
 import ia3fx
 import ia3fx.model as ia3fx_model
 from ia3fx.passes._lazy import realize
-
-from _common import command, llama_config, machine, table, write_json
 
 SEVEN_B = dict(hidden=4096, intermediate=11008, heads=32, vocab=32000)
 
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ia3fx_model.trace = real_trace
 
     def per_round(times: dict[str, list[float]], num: str, den: str) -> dict:
-        rs = [a / b for a, b in zip(times[num], times[den])]
+        rs = [a / b for a, b in zip(times[num], times[den], strict=True)]
         return {"median": round(statistics.median(rs), 4), "rounds": [round(x, 4) for x in rs]}
 
     ratios = {

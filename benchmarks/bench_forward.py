@@ -24,11 +24,20 @@ import copy
 import sys
 
 import torch
+from _common import (
+    alternate,
+    command,
+    llama_config,
+    machine,
+    ratio,
+    ratio_lines,
+    table,
+    time_rows,
+    write_json,
+)
 
 import ia3fx
 from ia3fx.passes import cleanup_graph
-
-from _common import alternate, command, llama_config, machine, ratio, ratio_lines, table, time_rows, write_json
 
 
 def build(args: argparse.Namespace) -> tuple[dict, torch.Tensor, float]:
@@ -71,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=1000)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps torch's default")
     p.add_argument("--name", default="forward", help="results/<name>.json")
     args = p.parse_args(argv)
     if args.quick:

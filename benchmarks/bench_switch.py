@@ -61,18 +61,21 @@ def no_export():
         torch.export.export = real
 
 
-def time_switches(switch, names, reps: int, rounds: int) -> list[float]:
-    """Median seconds per switch, one figure per round."""
-    out = []
+def time_switches(switch, names, reps: int, rounds: int) -> tuple[list[float], list[float]]:
+    """Median seconds per switch, one figure per round: wall clock, and this process's CPU time
+    (which a busy machine inflates much less)."""
+    wall, cpu = [], []
     for _ in range(rounds):
-        times = []
+        walls, cpus = [], []
         for i in range(reps):
             name = names[i % len(names)]
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             switch(name)
-            times.append(time.perf_counter() - t0)
-        out.append(statistics.median(times))
-    return out
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+        wall.append(statistics.median(walls))
+        cpu.append(statistics.median(cpus))
+    return wall, cpu
 
 
 def scaled_call_sites(model: ia3fx.IA3Model) -> int:
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT comparison")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "switch.json"))
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation
     layers = args.layers or (8 if args.quick else 32)
     reps = args.reps or (40 if args.quick else 200)
     rounds = 3 if args.quick and args.rounds == 5 else args.rounds
@@ -115,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         before = model(input_ids=ids).logits
     with no_export():
-        rounds_s = time_switches(model.set_adapter, names, reps, rounds)
-        multi_s = time_switches(lambda _: model.set_adapter(names), names, reps, rounds)
+        rounds_s, cpu_s = time_switches(model.set_adapter, names, reps, rounds)
+        multi_s, _ = time_switches(lambda _: model.set_adapter(names), names, reps, rounds)
     assert len(model.graph_modules) == graphs, "switching captured a new graph"
     model.set_adapter("other")
     with torch.no_grad():
@@ -134,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         "trace_seconds": round(trace_s, 2),
         "ia3fx_set_adapter_us": round(per_call * 1e6, 1),
         "ia3fx_us_per_call_site": round(per_call * 1e6 / sites, 3),
+        "ia3fx_set_adapter_cpu_us": round(min(cpu_s) * 1e6, 1),
+        "ia3fx_cpu_us_per_call_site": round(min(cpu_s) * 1e6 / sites, 3),
         "ia3fx_set_two_adapters_us": round(min(multi_s) * 1e6, 1),
         "ia3fx_rounds_us": [round(r * 1e6, 1) for r in rounds_s],
         "new_graphs_while_switching": 0,
@@ -143,8 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
-    line = f"ia3fx  set_adapter: {per_call * 1e6:9.1f} us per switch, {per_call * 1e6 / sites:7.3f} us per call site ({sites} sites)"
+    line = (
+        f"ia3fx  set_adapter: {per_call * 1e6:9.1f} us per switch, {per_call * 1e6 / sites:7.3f} us per call site "
+        f"({sites} sites); CPU time {min(cpu_s) * 1e6 / sites:.3f} us per call site"
+    )
 
     if not args.no_peft:
         import peft
@@ -152,18 +162,21 @@ def main(argv: list[str] | None = None) -> int:
         pm = peft.get_peft_model(peft_base, peft.IA3Config())
         pm.add_adapter("other", peft.IA3Config())
         n_layers = sum(1 for m in pm.modules() if isinstance(m, peft.tuners.ia3.IA3Layer))
-        peft_s = time_switches(pm.base_model.set_adapter, names, reps, rounds)
+        peft_s, peft_cpu_s = time_switches(pm.base_model.set_adapter, names, reps, rounds)
         peft_call = min(peft_s)
         result.update(
             peft=peft.__version__,
             peft_set_adapter_us=round(peft_call * 1e6, 1),
             peft_us_per_layer=round(peft_call * 1e6 / n_layers, 3),
+            peft_cpu_us_per_layer=round(min(peft_cpu_s) * 1e6 / n_layers, 3),
             peft_ia3_layers=n_layers,
             ia3fx_over_peft=round(per_call / peft_call, 3),
+            ia3fx_over_peft_cpu=round(min(cpu_s) / min(peft_cpu_s), 3),
         )
         line += (
             f"\nPEFT   set_adapter: {peft_call * 1e6:9.1f} us per switch, {peft_call * 1e6 / n_layers:7.3f} us per layer "
-            f"({n_layers} layers)\nratio ia3fx/PEFT: {per_call / peft_call:.2f}"
+            f"({n_layers} layers); CPU time {min(peft_cpu_s) * 1e6 / n_layers:.3f} us per layer"
+            f"\nratio ia3fx/PEFT: {per_call / peft_call:.2f} (wall), {min(cpu_s) / min(peft_cpu_s):.2f} (CPU)"
         )
 
     print(line)

@@ -20,10 +20,20 @@ import copy
 import sys
 
 import torch
+from _common import (
+    alternate,
+    command,
+    llama_config,
+    machine,
+    ratio,
+    ratio_lines,
+    table,
+    time_rows,
+    write_json,
+)
 
 import ia3fx
-
-from _common import alternate, command, llama_config, machine, ratio, ratio_lines, table, time_rows, write_json
+from ia3fx.model import PEFT_PREFIX
 
 
 def trainer(model: torch.nn.Module, ids: torch.Tensor, lr: float):
@@ -52,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps torch's default")
     p.add_argument("--name", default="train", help="results/<name>.json")
     args = p.parse_args(argv)
     if args.quick:
@@ -88,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     times = alternate(calls, args.rounds, args.reps)
 
     # same steps from the same start: the vectors must still agree
-    ours = {k.removeprefix(ia3fx.PEFT_PREFIX): v for k, v in adapted.adapter_state_dict().items()}
+    ours = {k.removeprefix(PEFT_PREFIX): v for k, v in adapted.adapter_state_dict().items()}
     theirs = {
-        k.removeprefix(ia3fx.PEFT_PREFIX): v for k, v in peft.get_peft_model_state_dict(peft_model).items()
+        k.removeprefix(PEFT_PREFIX): v for k, v in peft.get_peft_model_state_dict(peft_model).items()
     }
     drift = max((ours[k] - theirs[k].reshape(ours[k].shape)).abs().max().item() for k in ours)
     if set(ours) != set(theirs) or drift > 1e-3:

@@ -5,7 +5,7 @@ Runs on CPU in well under a minute (a tiny Llama built from a config, no downloa
     python examples/multiple_adapters.py
 
 1. one traced graph, two adapters (``default``: k/v/down_proj; ``style``: q/o_proj);
-2. switching adapters rebinds vectors: no new trace, a few microseconds per call site;
+2. switching adapters rebinds vectors: no new trace, microseconds per call site;
 3. both active at once (their vectors multiply where they share a layer, as in PEFT);
 4. a weighted blend (PEFT's ``add_weighted_adapter`` math);
 5. ``disable_adapter()`` gives the base model; merging a chosen set folds it into the weights;

@@ -21,6 +21,7 @@ existing ``path`` is only replaced with ``overwrite=True``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -104,7 +105,9 @@ def exported_program(
     """
     if not isinstance(model, IA3Model):
         raise TypeError(f"export takes an ia3fx.IA3Model, got {type(model).__name__}")
-    with _training_mode(model, False), torch.no_grad():  # deployment graph; the flags come back after
+    # the deployment graph, flags restored after (a graph handed in as such has one mode only)
+    eval_mode = _training_mode(model, False) if model._retraceable else contextlib.nullcontext()
+    with eval_mode, torch.no_grad():
         if example_inputs is None:
             args, kwargs = _synthetic_inputs(model.graph_module)
         else:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -55,10 +55,22 @@ def adapter_directory(save_directory: str | os.PathLike, adapter_name: str) -> s
 
 
 # --- writing -----------------------------------------------------------------------------------
-def _temp_path(directory: str, name: str) -> str:
-    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    return path
+def _temp_path(directory: str, name: str, create: bool = True) -> str:
+    """A fresh hidden name next to the final file. Created with mode 0o666 minus the umask (as
+    ``open`` would), not ``mkstemp``'s 0o600, so the renamed file gets the usual permissions."""
+    for _ in range(100):
+        path = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+        if not create:
+            if not os.path.lexists(path):
+                return path
+            continue
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return path
+    raise FileExistsError(f"no free temporary name for {name} in {directory}")
 
 
 def _fsync(path: str) -> None:
@@ -75,8 +87,7 @@ def _backup(final: str, directory: str) -> str | None:
     """A second name for the current ``final`` (a hard link, or a copy where links fail)."""
     if not os.path.exists(final):
         return None
-    backup = _temp_path(directory, os.path.basename(final) + ".bak")
-    os.remove(backup)
+    backup = _temp_path(directory, os.path.basename(final) + ".bak", create=False)
     try:
         os.link(final, backup)
     except OSError:
@@ -122,11 +133,17 @@ def save_adapter_files(
     staged: list[tuple[str, str]] = []
     try:
         tmp = _temp_path(directory, WEIGHTS_NAME)
-        staged.append((tmp, os.path.join(directory, WEIGHTS_NAME)))
+        final = os.path.join(directory, WEIGHTS_NAME)
+        staged.append((tmp, final))
+        mode = os.stat(final if os.path.exists(final) else tmp).st_mode & 0o777
         save_file(tensors, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, mode)  # safetensors writes 0o600; keep the file's mode, or the usual one
         _fsync(tmp)
         tmp = _temp_path(directory, CONFIG_NAME)
-        staged.append((tmp, os.path.join(directory, CONFIG_NAME)))
+        final = os.path.join(directory, CONFIG_NAME)
+        staged.append((tmp, final))
+        if os.path.exists(final):
+            os.chmod(tmp, os.stat(final).st_mode & 0o777)
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

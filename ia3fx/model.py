@@ -27,8 +27,8 @@ from .capture import _copy_graph, accepts, input_signature, normalize_inputs, tr
 from .config import IA3Config
 from .errors import AdapterLoadError, NoMatchingModuleError
 from .passes import cleanup_graph, fold_scales, insert_scales, redirect_modules_to_save, slot_attr
-from .passes._lazy import defer_recompile, realize
 from .passes._graph import SAVED_ROOT, container, set_module, set_tensor
+from .passes._lazy import defer_recompile, realize
 from .passes.fold import SharedWeightError
 from .scaling import fold_bias, fold_weight
 from .sites import CallSite, find_call_sites, get_attr_path

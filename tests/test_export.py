@@ -89,6 +89,24 @@ def test_pt2_of_another_signature_and_of_a_training_model(tmp_path):
         torch.testing.assert_close(_out(loaded, x), _out(ia3_model, x), rtol=0, atol=ATOL)
 
 
+def test_pt2_of_a_model_handed_in_as_an_exported_program(tmp_path):
+    """A graph handed in has one mode and no module to retrace: it is exported as it is."""
+    from test_merge import CONV_KWARGS, conv_net
+
+    x = conv_inputs(2)
+    ep_in = torch.export.export(conv_net(), (), x, dynamic_shapes={"x": {0: torch.export.Dim.AUTO}})
+    ia3_model = ia3fx.get_ia3_model(ep_in, ia3fx.IA3Config(**CONV_KWARGS))
+    with torch.no_grad():
+        for p in ia3_model.ia3_l.parameters():
+            p.copy_(torch.linspace(0.5, 1.5, p.numel()).reshape(p.shape))
+    for merged in (True, False):
+        path = ia3fx.export(ia3_model, tmp_path / f"conv-{merged}.pt2", "pt2", merged=merged)
+        loaded = torch.export.load(path).module()
+        for batch in (1, 5):
+            xb = conv_inputs(batch, seed=batch)
+            torch.testing.assert_close(_out(loaded, xb), _out(ia3_model, xb), rtol=0, atol=ATOL)
+
+
 def test_a_static_capture_is_reported(tmp_path):
     """A capture with batch size 1 cannot be made dynamic again: export says so."""
     model = tiny_llama()

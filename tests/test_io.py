@@ -583,3 +583,19 @@ def test_read_adapter_files_public_helper(tmp_path):
         config, tensors = ia3io.read_adapter_files(tmp_path)
     assert config.target_modules == {"lin0"} and config.inference_mode is True
     assert list(tensors) == ["base_model.model.lin0.ia3_l"]
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Temporary files are created like ``open`` does (0o666 minus the umask), not 0o600."""
+    (tmp_path / "plain").write_text("")
+    expected = (tmp_path / "plain").stat().st_mode & 0o777
+    model = ia3fx.get_ia3_model(custom_model("MLP"), IA3Config(target_modules=["lin0"], feedforward_modules=[]))
+    model.save_pretrained(tmp_path / "out")
+    model.save_pretrained(tmp_path / "out")  # replacing keeps them too
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == expected
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # a mode set by the user stays
+        os.chmod(tmp_path / "out" / name, 0o640)
+    model.save_pretrained(tmp_path / "out")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o640

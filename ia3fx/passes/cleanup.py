@@ -232,7 +232,7 @@ def _assignments(inputs: list[Node], mask: Node) -> Iterable[dict[Any, int]]:
     for i in range(len(syms)):
         picks += [[p if j == i else _SMALL[0] for j in range(len(syms))] for p in _LARGE]
     for pick in picks:
-        yield {s: min(max(p, lo), hi) for s, p, (lo, hi) in zip(syms, pick, ranges)}
+        yield {s: min(max(p, lo), hi) for s, p, (lo, hi) in zip(syms, pick, ranges, strict=True)}
 
 
 def _concrete(size: Any, assignment: dict[Any, int]) -> int:
