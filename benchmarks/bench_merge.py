@@ -19,7 +19,9 @@ Merge time, in memory (target: <= 1.0 x PEFT's ``merge_and_unload``):
 
 Method (the machine is shared and noisy): every contender runs in every round, in an order that
 reverses each round, a round keeps each contender's best of ``reps`` calls, and a figure is the
-median over rounds of the per-round ratio.
+median over rounds of the per-round ratio. By default the clock is this process's CPU time with
+one torch thread, which other processes on a busy machine barely disturb; ``--clock wall
+--threads N`` measures elapsed time instead (on a quiet machine).
 
     python benchmarks/bench_merge.py            # 11 rounds, results/merge.json
     python benchmarks/bench_merge.py --quick    # 2 layers, batch 2 x 64, 3 rounds (< 2 min)
@@ -91,6 +93,7 @@ def alternate_prepared(
     contenders: dict[str, tuple[Callable[[], object], Callable[[object], object], Callable[[object], object]]],
     rounds: int,
     reps: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Like ``_common.alternate``, but each call gets a prepared object and cleans up after itself,
     neither timed: ``(prepare, run, cleanup)`` per contender."""
@@ -102,9 +105,9 @@ def alternate_prepared(
             best = float("inf")
             for _ in range(reps):
                 obj = prepare()
-                t0 = time.perf_counter()
+                t0 = clock()
                 run(obj)
-                best = min(best, time.perf_counter() - t0)
+                best = min(best, clock() - t0)
                 cleanup(obj)
             times[name].append(best)
         print(f"  round {r + 1}/{rounds}", file=sys.stderr, flush=True)
@@ -117,7 +120,12 @@ def main() -> int:
     p.add_argument("--rounds", type=int)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--merge-reps", type=int, default=3)
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="cpu: this process's CPU time (robust on a shared machine; default); wall: elapsed time")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     args.layers, args.hidden, args.intermediate, args.heads, args.vocab = 4, 512, 1376, 8, 1000
     args.batch, args.seq = 4, 128
     if args.quick:
@@ -147,7 +155,7 @@ def main() -> int:
         for model in forward.values():  # warm-up (the graphs generate their code on first call)
             model(input_ids=ids)
         print("forward:", file=sys.stderr)
-        fwd_times = alternate({k: call(m) for k, m in forward.items()}, rounds, args.reps)
+        fwd_times = alternate({k: call(m) for k, m in forward.items()}, rounds, args.reps, clock=clock)
     fwd_ratios = [ratio(fwd_times, name, "base") for name in forward if name != "base"]
 
     # --- merge time --------------------------------------------------------------------------------
@@ -160,7 +168,7 @@ def main() -> int:
         "peft merge_and_unload": (lambda: copy.deepcopy(peft_model), lambda m: m.merge_and_unload(), nothing),
     }
     print("merge:", file=sys.stderr)
-    merge_times = alternate_prepared(merge, rounds, args.merge_reps)
+    merge_times = alternate_prepared(merge, rounds, args.merge_reps, clock=clock)
     merge_ratios = [
         ratio(merge_times, "ia3fx merge_adapter", "peft merge_and_unload"),
         ratio(merge_times, "ia3fx merge_and_unload", "peft merge_and_unload"),
@@ -186,7 +194,8 @@ def main() -> int:
             "method": (
                 f"{rounds} rounds, order reversed each round, best of {args.reps} forward calls / "
                 f"{args.merge_reps} merges per contender per round (deep copies and unmerges untimed); "
-                "ratios are medians of per-round ratios"
+                f"clock: {'process CPU time' if args.clock == 'cpu' else 'wall time'}, {args.threads} torch "
+                "thread(s); ratios are medians of per-round ratios"
             ),
             "checks": {"merged weights == PEFT merge_and_unload": "bit-identical", "max |merged - adapted logits|": diff},
             "targets": targets,

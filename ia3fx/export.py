@@ -216,16 +216,8 @@ def _write_onnx(ep: torch.export.ExportedProgram, file: str, token_dims: bool) -
 
 
 # --- atomic writes --------------------------------------------------------------------------------
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _move_into_place(staged: str, final: str) -> None:
     """Rename ``staged`` to ``final``; an existing ``final`` is set aside first, removed only after."""
-    if os.path.isdir(staged):
-        os.chmod(staged, 0o777 & ~_umask())  # mkdtemp made it private
     old = None
     if os.path.lexists(final):
         old = f"{staged}.old"
@@ -283,7 +275,7 @@ def export(
     try:
         if format == "transformers":
             staged = os.path.join(tmp, "checkpoint")
-            os.mkdir(staged)
+            os.mkdir(staged)  # not the private temporary directory itself: the usual permissions
             _write_transformers(model, staged, tokenizer)
             _move_into_place(staged, out)
             return out

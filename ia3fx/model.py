@@ -427,8 +427,10 @@ class IA3Model(nn.Module):
         try:
             yield
         finally:
-            for param, data in swapped:
-                param.data = data
+            for param, data in swapped:  # the merged weights come back, unless unmerged in the block
+                kept = self._originals.get(id(param))
+                if kept is not None and param.data.data_ptr() == kept[1].data_ptr():
+                    param.data = data
             self._disabled = was_disabled
             for param, flag in grads:
                 param.requires_grad_(flag)

@@ -332,6 +332,19 @@ def test_disable_adapter_inside_a_merged_model(name):
     _assert_unchanged(ia3_model, merged_snap)
 
 
+def test_unmerge_inside_disable_adapter_stays_unmerged():
+    """Leaving the block must not bring back merged weights the block unmerged."""
+    _, ia3_model, _, inputs = _build("convnet")
+    snap = _snapshot(ia3_model)
+    adapted = _out(ia3_model, inputs)
+    ia3_model.merge_adapter()
+    with ia3_model.disable_adapter():
+        ia3_model.unmerge_adapter()
+    assert ia3_model.merged_adapters == []
+    _assert_unchanged(ia3_model, snap)
+    torch.testing.assert_close(_out(ia3_model, inputs), adapted, rtol=0, atol=0)
+
+
 # --- merge_and_unload / unload -------------------------------------------------------------------
 @pytest.mark.parametrize("name", MAIN)
 def test_merge_and_unload_matches_peft(name):

@@ -15,7 +15,7 @@ A mask is dropped (``is_causal=True``, or no mask) only when all of these hold:
   random ops;
 * its numeric constants are small (``|c| <= 64``), so no sliding-window or chunk size hides in it
   beyond the sizes tried below;
-* replayed on CPU at many sizes (lengths 2 to 131, several batch sizes, within the ranges the
+* replayed on CPU at many sizes (lengths 2 to 127, several batch sizes, within the ranges the
   trace allows) it is exactly the lower-triangular causal pattern, or all true;
 * for ``is_causal``: query and key have the same (symbolic) length, where sdpa's top-left
   alignment and transformers' bottom-right one agree.
@@ -45,7 +45,9 @@ _SHAPE_OPS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
 _MAX_CONSTANT = 64  # larger constants could be a window or chunk size that small sizes never reach
 _SENTINELS = {torch.iinfo(torch.int64).max, torch.iinfo(torch.int64).min}  # "to the end" slices
 _SMALL = (2, 3, 5, 8)  # sizes tried for all dynamic dims at once
-_LARGE = (33, 67, 131)  # then for one dim at a time (> 2 * _MAX_CONSTANT + 2: past any small window)
+# then for one dim at a time, the others at 2: past any window of at most _MAX_CONSTANT, and small
+# enough (2 x 127 x 127 < 32768) that no replayed op goes multi-threaded
+_LARGE = (67, 127)
 _MAX_ELEMENTS = 1 << 22  # a mask larger than this at the sizes tried is not replayed
 _CPU = torch.device("cpu")
 
@@ -284,8 +286,8 @@ def _patterns(value: Any, mask: Node, assignment: dict[Any, int]) -> set[str]:
         lq, lk = _concrete(q.shape[-2], assignment), _concrete(k.shape[-2], assignment)
         if tuple(value.shape[-2:]) != (lq, lk):
             return found
-        causal = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None]
-        if not bool((value == causal).all()):
+        causal = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None]  # (tril() goes multi-threaded)
+        if not torch.equal(value, causal.expand(value.shape)):
             return found
     return found | ({"causal"} if users else set())
 
