@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter_flags(p)
     p.set_defaults(func=cmd_plan)
     d = sub.add_parser("demo", help="train (IA)³ vectors on a built-in tiny model and save the adapter")
-    d.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS)
+    d.add_argument("--preset", default=DEFAULT_PRESET, choices=("tiny-llama", "tiny-gpt2"))
     d.add_argument("--steps", type=int, default=40)
     d.add_argument("--lr", type=float, default=0.05)
     d.add_argument("--out", default="ia3fx-demo-out", help="directory for the adapter files")

@@ -345,6 +345,18 @@ class IA3Model(nn.Module):
         self._rebind_all()
         return self
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused: the base model's ``generate`` would run without the adapter.
+
+        Generation needs a KV cache, which the captured graphs do not have. Merge the adapter and
+        generate with the merged model instead.
+        """
+        raise NotImplementedError(
+            "IA3Model.generate would silently run the base model without the adapter. Use "
+            "model.merge_and_unload().generate(...) (or merge_adapter() and then "
+            "model.get_base_model().generate(...), unmerge_adapter() after)."
+        )
+
     def get_base_model(self) -> nn.Module:
         return self.model
 
