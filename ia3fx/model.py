@@ -28,7 +28,7 @@ from .config import IA3Config
 from .errors import AdapterLoadError, NoMatchingModuleError
 from .passes import cleanup_graph, fold_scales, insert_scales, redirect_modules_to_save, slot_attr
 from .passes._graph import SAVED_ROOT, container, set_module, set_tensor
-from .passes._lazy import defer_recompile, realize
+from .passes._lazy import batched, realize
 from .passes.fold import SharedWeightError
 from .scaling import fold_bias, fold_weight
 from .sites import CallSite, find_call_sites, get_attr_path
@@ -266,13 +266,13 @@ class IA3Model(nn.Module):
 
     def _install(self, graph: GraphModule, sites: list[CallSite] | None = None) -> None:
         """Insert every adapter's slots and modules_to_save redirects, then bind the state."""
-        defer_recompile(graph)  # one code generation, at the first call, instead of one per pass
-        cleanup_graph(graph)
-        raw = sites if sites is not None else find_call_sites(graph)
-        slots = self._all_slots()
-        insert_scales(graph, raw, slots)
-        saved = self._all_saved()
-        redirect_modules_to_save(graph, saved)
+        with batched(graph):  # one lint at the end, one code generation at the first call
+            cleanup_graph(graph)
+            raw = sites if sites is not None else find_call_sites(graph)
+            slots = self._all_slots()
+            insert_scales(graph, raw, slots)
+            saved = self._all_saved()
+            redirect_modules_to_save(graph, saved)
         info = graph.meta.setdefault("ia3fx", {})
         info.update(raw_sites=raw, slots=list(slots), saved=list(saved))
         self._bind(graph)

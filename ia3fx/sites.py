@@ -26,6 +26,18 @@ _ADDMM = {aten.addmm.default, torch.addmm}
 _CONV2D = {aten.conv2d.default, torch.conv2d, F.conv2d}
 _CONV3D = {aten.conv3d.default, torch.conv3d, F.conv3d}
 
+# (op, weight index, bias index) by id(): OpOverload hashes in Python, and every node is looked up
+_OPS = {
+    id(t): spec
+    for targets, spec in (
+        (_LINEAR, ("linear", 1, 2)),
+        (_ADDMM, ("addmm", 2, 0)),
+        (_CONV2D, ("conv2d", 1, 2)),
+        (_CONV3D, ("conv3d", 1, 2)),
+    )
+    for t in targets
+}
+
 # kinds whose vectors broadcast on the last dim vs on the channel dim
 LINEAR_KINDS = ("linear", "conv1d", "functional_linear", "functional_addmm")
 CONV_KINDS = {"conv2d": 2, "conv3d": 3, "functional_conv2d": 2, "functional_conv3d": 3}
@@ -95,17 +107,10 @@ def _param_name(weight_path: str) -> str:
 
 
 def _function_site(gm: GraphModule, node: Node) -> CallSite | None:
-    target = node.target
-    if target in _LINEAR:
-        op, w_idx, b_idx = "linear", 1, 2
-    elif target in _ADDMM:
-        op, w_idx, b_idx = "addmm", 2, 0
-    elif target in _CONV2D:
-        op, w_idx, b_idx = "conv2d", 1, 2
-    elif target in _CONV3D:
-        op, w_idx, b_idx = "conv3d", 1, 2
-    else:
+    spec = _OPS.get(id(node.target))
+    if spec is None:
         return None
+    op, w_idx, b_idx = spec
     w = _arg(node, w_idx, "weight" if op != "addmm" else "mat2")
     if not isinstance(w, Node) or w.op != "get_attr":
         return None  # a computed weight is not a layer

@@ -281,9 +281,11 @@ def _patterns(value: Any, mask: Node, assignment: dict[Any, int]) -> set[str]:
         return set()
     found = {"full"} if bool(value.all()) else set()
     users = [u for u in mask.users if u.op == "call_function" and u.target is _SDPA]
+    lengths = set()  # (query, key) lengths: one check each, however many layers share the mask
     for sdpa in users:
         q, k = _val(sdpa.args[0]), _val(sdpa.args[1])
-        lq, lk = _concrete(q.shape[-2], assignment), _concrete(k.shape[-2], assignment)
+        lengths.add((_concrete(q.shape[-2], assignment), _concrete(k.shape[-2], assignment)))
+    for lq, lk in lengths:
         if tuple(value.shape[-2:]) != (lq, lk):
             return found
         causal = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None]  # (tril() goes multi-threaded)
