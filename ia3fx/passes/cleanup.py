@@ -44,10 +44,11 @@ _ASSERT = aten._assert_tensor_metadata.default
 _SHAPE_OPS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
 _MAX_CONSTANT = 64  # larger constants could be a window or chunk size that small sizes never reach
 _SENTINELS = {torch.iinfo(torch.int64).max, torch.iinfo(torch.int64).min}  # "to the end" slices
-_SMALL = (2, 3, 5, 8)  # sizes tried for all dynamic dims at once
-# then for one dim at a time, the others at 2: past any window of at most _MAX_CONSTANT, and small
-# enough (2 x 127 x 127 < 32768) that no replayed op goes multi-threaded
+_SMALL = (2, 3, 5)  # sizes tried for all dynamic dims at once
+# then for the mask's length dims, the others at 2: past any window of at most _MAX_CONSTANT, and
+# small enough (2 x 127 x 127 < 32768) that no replayed op goes multi-threaded
 _LARGE = (67, 127)
+_MIDDLE = 9  # for a batch-like dim
 _MAX_ELEMENTS = 1 << 22  # a mask larger than this at the sizes tried is not replayed
 _CPU = torch.device("cpu")
 
@@ -222,19 +223,26 @@ def _finite(bound: Any, default: int) -> int:
 
 
 def _assignments(inputs: list[Node], mask: Node) -> Iterable[dict[Any, int]]:
-    """Sizes to replay the mask at: all dims small and equal, then each dim large in turn."""
+    """Sizes to replay the mask at: every dim small, then the mask's own (length) dims large,
+    then each other (batch-like) dim alone at a middle size."""
     vals = [_val(n) for n in inputs]
     syms = _symbols(vals)
     if not syms:
         yield {}
         return
     anchor = next(v for v in vals if any(isinstance(d, torch.SymInt) for d in v.shape))
-    ranges = [_range(s, anchor) for s in syms]
-    picks = [[p] * len(syms) for p in _SMALL]
-    for i in range(len(syms)):
-        picks += [[p if j == i else _SMALL[0] for j in range(len(syms))] for p in _LARGE]
+    ranges = dict(zip(syms, (_range(s, anchor) for s in syms), strict=True))
+    lengths = {s for d in _val(mask).shape[-2:] if isinstance(d, torch.SymInt) for s in d.node.expr.free_symbols}
+    picks = [dict.fromkeys(syms, p) for p in _SMALL]
+    picks += [{s: (p if s in lengths else _SMALL[0]) for s in syms} for p in _LARGE if lengths]
+    picks += [{s: (_MIDDLE if s is other else _SMALL[1]) for s in syms} for other in syms if other not in lengths]
+    seen = set()
     for pick in picks:
-        yield {s: min(max(p, lo), hi) for s, p, (lo, hi) in zip(syms, pick, ranges, strict=True)}
+        assignment = {s: min(max(p, ranges[s][0]), ranges[s][1]) for s, p in pick.items()}
+        key = tuple(assignment.values())
+        if key not in seen:
+            seen.add(key)
+            yield assignment
 
 
 def _concrete(size: Any, assignment: dict[Any, int]) -> int:
