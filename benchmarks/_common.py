@@ -1,13 +1,16 @@
 """Shared by bench_forward.py, bench_train.py and bench_apply.py: models, timing method, output.
 
-Timing method (the machine is shared and noisy): every contender runs in every round, in an order
-that reverses from one round to the next, and a round keeps each contender's best of ``reps``
-calls. A figure is the median over rounds of the per-round ratio of two contenders, so slow
-phases of the machine hit both sides of a ratio alike.
+Timing method (the machine is shared and noisy): every contender runs in every round, the
+contenders taking turns call by call in an order that reverses at every turn, and a round keeps
+each contender's best of ``reps`` calls. A figure is the median over rounds of the per-round ratio
+of two contenders, so slow phases of the machine hit both sides of a ratio alike. Times are taken
+both as wall clock and as process CPU time; with one intra-op thread (the default here) CPU time
+leaves out the time the process waits for a core, the main noise on a shared machine.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -44,36 +47,120 @@ def llama_config(
     )
 
 
+def parse_model_args(
+    description: str, name: str, rounds: int, reps: int, argv: list[str] | None, extra: Callable | None = None
+) -> argparse.Namespace:
+    """The options bench_forward.py and bench_train.py share: the Llama shape, the batch, rounds."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="2 layers, hidden 256, 4 x 64 tokens, 3 rounds")
+    p.add_argument("--rounds", type=int, default=None, help=f"default {rounds} (3 with --quick)")
+    p.add_argument("--reps", type=int, default=reps, help="calls per contender per round; the best counts")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=1376)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps torch's default")
+    p.add_argument("--name", default=name, help="results/<name>.json")
+    if extra is not None:
+        extra(p)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.layers, args.hidden, args.intermediate, args.seq = 2, 256, 688, 64
+        args.rounds, args.reps = args.rounds or 3, 2
+        if args.name == name:
+            args.name = f"{name}_quick"
+    args.rounds = args.rounds or rounds
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def model_title(args: argparse.Namespace, what: str) -> str:
+    return (
+        f"LlamaForCausalLM {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
+        f"{args.heads} heads, vocab {args.vocab}, fp32, CPU; batch {args.batch} x seq {args.seq}, {what}"
+    )
+
+
+def report(
+    args: argparse.Namespace,
+    figure: str,
+    model: str,
+    wall: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    pairs: list[tuple[str, str]],
+    targets: dict[str, float],
+    info: dict[str, object],
+    **extra: object,
+) -> str:
+    """Print the times and ratios, and write them with the method to results/<args.name>.json."""
+    ratios = ratios_both(wall, cpu, pairs)
+    print(model)
+    print(table(time_rows(wall, cpu)))
+    print(ratio_lines(ratios, targets))
+    return write_json(
+        args.name,
+        {
+            "figure": figure,
+            "command": command(),
+            "model": model,
+            "method": f"{args.rounds} rounds; within a round the contenders take turns call by call, "
+            f"the order reversing every turn, best of {args.reps} calls each; ratios are medians of "
+            "per-round ratios, on CPU time (primary, 1 intra-op thread) and wall clock",
+            "threads": torch.get_num_threads(),
+            "targets": targets,
+            "ratios": ratios,
+            "seconds_wall": {k: [round(t, 5) for t in v] for k, v in wall.items()},
+            "seconds_cpu": {k: [round(t, 5) for t in v] for k, v in cpu.items()},
+            **extra,
+            "machine": info,
+        },
+    )
+
+
 def alternate(
     contenders: dict[str, Callable[[], object]],
     rounds: int,
     reps: int,
-    clock: Callable[[], float] = time.perf_counter,
     progress: bool = True,
-) -> dict[str, list[float]]:
-    """Per contender, one time per round: the best of ``reps`` calls; the order flips every round."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per contender and round, the best of ``reps`` calls, in wall-clock and in CPU seconds.
+
+    Within a round the contenders take turns call by call (A B C, C B A, A B C, ...), so a slow
+    spell of the machine lands on all of them; the best call of each then stands for the round.
+    """
     names = list(contenders)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    turn = 0
     for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            fn = contenders[name]
-            best = float("inf")
-            for _ in range(reps):
-                t0 = clock()
-                fn()
-                best = min(best, clock() - t0)
-            times[name].append(best)
+        best_wall = dict.fromkeys(names, float("inf"))
+        best_cpu = dict.fromkeys(names, float("inf"))
+        for _ in range(reps):
+            for name in names if turn % 2 == 0 else names[::-1]:
+                w0, c0 = time.perf_counter(), time.process_time()
+                contenders[name]()
+                best_wall[name] = min(best_wall[name], time.perf_counter() - w0)
+                best_cpu[name] = min(best_cpu[name], time.process_time() - c0)
+            turn += 1
+        for n in names:
+            wall[n].append(best_wall[n])
+            cpu[n].append(best_cpu[n])
         if progress:
             print(f"  round {r + 1}/{rounds}", file=sys.stderr, flush=True)
-    return times
+    return wall, cpu
 
 
-def ratio(times: dict[str, list[float]], num: str, den: str) -> dict[str, object]:
-    """Median and quartiles of the per-round ratios ``num / den``."""
+def ratio(times: dict[str, list[float]], num: str, den: str, clock: str) -> dict[str, object]:
+    """Median and quartiles of the per-round ratios ``num / den`` on one clock ("wall" or "cpu")."""
     per_round = [a / b for a, b in zip(times[num], times[den], strict=True)]
     q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
     return {
         "ratio": f"{num} / {den}",
+        "clock": clock,
         "median": round(statistics.median(per_round), 4),
         "q1": round(q[0], 4),
         "q3": round(q[2], 4),
@@ -81,18 +168,29 @@ def ratio(times: dict[str, list[float]], num: str, den: str) -> dict[str, object
     }
 
 
+def ratios_both(wall: dict, cpu: dict, pairs: list[tuple[str, str]]) -> list[dict[str, object]]:
+    return [ratio(t, num, den, clock) for num, den in pairs for clock, t in (("cpu", cpu), ("wall", wall))]
+
+
 def table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def time_rows(times: dict[str, list[float]], unit: str = "ms") -> list[tuple[str, ...]]:
-    scale = {"ms": 1e3, "s": 1.0}[unit]
-    rows = [("contender", f"median ({unit})", f"best ({unit})")]
-    for name, ts in times.items():
-        rows.append((name, f"{statistics.median(ts) * scale:.2f}", f"{min(ts) * scale:.2f}"))
+def time_rows(wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> list[tuple[str, ...]]:
+    rows = [("contender", "cpu ms (median)", "cpu ms (best)", "wall ms (median)", "wall ms (best)")]
+    for name in wall:
+        c, w = cpu[name], wall[name]
+        rows.append((
+            name,
+            f"{statistics.median(c) * 1e3:.2f}", f"{min(c) * 1e3:.2f}",
+            f"{statistics.median(w) * 1e3:.2f}", f"{min(w) * 1e3:.2f}",
+        ))
     return rows
 
 
@@ -103,7 +201,8 @@ def ratio_lines(ratios: list[dict[str, object]], targets: dict[str, float]) -> s
         verdict = ""
         if target is not None:
             verdict = f"   target <= {target:.2f}: {'met' if r['median'] <= target else 'MISSED'}"
-        lines.append(f"{r['ratio']:<28} median {r['median']:.3f}  (q1 {r['q1']:.3f}, q3 {r['q3']:.3f}){verdict}")
+        name = f"{r['ratio']} ({r['clock']})"
+        lines.append(f"{name:<32} median {r['median']:.3f}  (q1 {r['q1']:.3f}, q3 {r['q3']:.3f}){verdict}")
     return "\n".join(lines)
 
 

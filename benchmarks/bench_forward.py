@@ -13,7 +13,7 @@ Both adapters get the same random vectors (PEFT's state dict loaded into ia3fx),
 checks that their logits agree before timing. Targets: ``ia3fx / base <= 1.02`` and
 ``ia3fx / peft <= 1.00``.
 
-    python benchmarks/bench_forward.py            # 15 rounds, results/forward.json
+    python benchmarks/bench_forward.py            # 21 rounds, results/forward.json
     python benchmarks/bench_forward.py --quick    # small model, 3 rounds (smoke test, < 60 s)
 """
 
@@ -24,17 +24,7 @@ import copy
 import sys
 
 import torch
-from _common import (
-    alternate,
-    command,
-    llama_config,
-    machine,
-    ratio,
-    ratio_lines,
-    table,
-    time_rows,
-    write_json,
-)
+from _common import alternate, llama_config, machine, model_title, parse_model_args, report
 
 import ia3fx
 from ia3fx.passes import cleanup_graph
@@ -69,29 +59,7 @@ def build(args: argparse.Namespace) -> tuple[dict, torch.Tensor, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="2 layers, hidden 256, 4 x 64 tokens, 3 rounds")
-    p.add_argument("--rounds", type=int, default=None, help="default 15 (3 with --quick)")
-    p.add_argument("--reps", type=int, default=3, help="calls per contender per round; the best counts")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1376)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps torch's default")
-    p.add_argument("--name", default="forward", help="results/<name>.json")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.layers, args.hidden, args.intermediate, args.seq = 2, 256, 688, 64
-        args.rounds, args.reps = args.rounds or 3, 2
-        if args.name == "forward":
-            args.name = "forward_quick"
-    args.rounds = args.rounds or 15
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
+    args = parse_model_args(__doc__.splitlines()[0], "forward", rounds=21, reps=5, argv=argv)
     info = machine()
     models, ids, diff = build(args)
     calls = {name: (lambda m=m: m(input_ids=ids)) for name, m in models.items()}
@@ -99,39 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         for fn in calls.values():  # warm-up (and ia3fx's one-time code generation)
             fn()
             fn()
-        times = alternate(calls, args.rounds, args.reps)
+        wall, cpu = alternate(calls, args.rounds, args.reps)
 
-    ratios = [
-        ratio(times, "ia3fx", "base"),
-        ratio(times, "ia3fx", "peft"),
-        ratio(times, "exported", "base"),
-        ratio(times, "exported+cleanup", "base"),
-        ratio(times, "peft", "base"),
-    ]
-    targets = {"ia3fx / base": 1.02, "ia3fx / peft": 1.00}
-    model = (
-        f"LlamaForCausalLM {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
-        f"{args.heads} heads, vocab {args.vocab}, fp32, CPU; batch {args.batch} x seq {args.seq}, no_grad, eval"
+    model = model_title(args, "no_grad, eval")
+    path = report(
+        args, "eval forward, adapted vs base (eager) and vs PEFT IA3", model, wall, cpu,
+        [("ia3fx", "base"), ("ia3fx", "peft"), ("exported", "base"), ("exported+cleanup", "base"), ("peft", "base")],
+        {"ia3fx / base": 1.02, "ia3fx / peft": 1.00}, info, max_abs_logit_diff_ia3fx_vs_peft=diff,
     )
-    print(model)
-    print(table(time_rows(times)))
-    print(ratio_lines(ratios, targets))
     print(f"max |ia3fx - peft| logits with the same random vectors: {diff:.2e}")
-    path = write_json(
-        args.name,
-        {
-            "figure": "eval forward, adapted vs base (eager) and vs PEFT IA3",
-            "command": command(),
-            "model": model,
-            "method": f"{args.rounds} rounds, order reversed each round, best of {args.reps} calls per "
-            "contender per round; ratios are medians of per-round ratios",
-            "targets": targets,
-            "ratios": ratios,
-            "seconds": {k: [round(t, 5) for t in v] for k, v in times.items()},
-            "max_abs_logit_diff_ia3fx_vs_peft": diff,
-            "machine": info,
-        },
-    )
     print(f"wrote {path}")
     return 0
 

@@ -9,28 +9,17 @@ Contenders: ``ia3fx`` (``get_ia3_model`` on the model in train mode) and ``peft`
 the same number of steps on the same batch, so the script also checks that their vectors still
 agree at the end. Target: ``ia3fx / peft <= 1.00``.
 
-    python benchmarks/bench_train.py            # 15 rounds, results/train.json
+    python benchmarks/bench_train.py            # 150 rounds of one step each, results/train.json
     python benchmarks/bench_train.py --quick    # small model, 3 rounds (smoke test, < 60 s)
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 
 import torch
-from _common import (
-    alternate,
-    command,
-    llama_config,
-    machine,
-    ratio,
-    ratio_lines,
-    table,
-    time_rows,
-    write_json,
-)
+from _common import alternate, llama_config, machine, model_title, parse_model_args, report
 
 import ia3fx
 from ia3fx.model import PEFT_PREFIX
@@ -50,29 +39,10 @@ def trainer(model: torch.nn.Module, ids: torch.Tensor, lr: float):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="2 layers, hidden 256, 4 x 64 tokens, 3 rounds")
-    p.add_argument("--rounds", type=int, default=None, help="default 15 (3 with --quick)")
-    p.add_argument("--reps", type=int, default=3, help="steps per contender per round; the best counts")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1376)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps torch's default")
-    p.add_argument("--name", default="train", help="results/<name>.json")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.layers, args.hidden, args.intermediate, args.seq = 2, 256, 688, 64
-        args.rounds, args.reps = args.rounds or 3, 2
-        if args.name == "train":
-            args.name = "train_quick"
-    args.rounds = args.rounds or 15
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_model_args(
+        __doc__.splitlines()[0], "train", rounds=150, reps=1, argv=argv,
+        extra=lambda p: p.add_argument("--lr", type=float, default=1e-3),
+    )
     info = machine()
 
     import peft
@@ -95,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     for fn in calls.values():  # warm-up (and ia3fx's one-time code generation)
         fn()
         fn()
-    times = alternate(calls, args.rounds, args.reps)
+    wall, cpu = alternate(calls, args.rounds, args.reps)
 
     # same steps from the same start: the vectors must still agree
     ours = {k.removeprefix(PEFT_PREFIX): v for k, v in adapted.adapter_state_dict().items()}
@@ -106,33 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     if set(ours) != set(theirs) or drift > 1e-3:
         raise AssertionError(f"ia3fx and PEFT trained apart: max |vector difference| = {drift}")
 
-    ratios = [ratio(times, "ia3fx", "peft")]
-    targets = {"ia3fx / peft": 1.00}
-    model = (
-        f"LlamaForCausalLM {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
-        f"{args.heads} heads, vocab {args.vocab}, fp32, CPU; batch {args.batch} x seq {args.seq}, train mode, "
-        f"dropout 0; AdamW on {n_params['ia3fx']:,d} (IA)3 parameters"
+    model = model_title(args, f"train mode, dropout 0; AdamW on {n_params['ia3fx']:,d} (IA)3 parameters")
+    path = report(
+        args, "train step (forward + backward + AdamW step on the vectors), ia3fx vs PEFT IA3", model, wall, cpu,
+        [("ia3fx", "peft")], {"ia3fx / peft": 1.00}, info, max_abs_vector_diff_after_training=drift,
     )
-    print(model)
-    print(table(time_rows(times)))
-    print(ratio_lines(ratios, targets))
     total_steps = 2 + args.rounds * args.reps
     print(f"max |ia3fx - peft| vector after {total_steps} identical steps each: {drift:.2e}")
-    path = write_json(
-        args.name,
-        {
-            "figure": "train step (forward + backward + AdamW step on the vectors), ia3fx vs PEFT IA3",
-            "command": command(),
-            "model": model,
-            "method": f"{args.rounds} rounds, order reversed each round, best of {args.reps} steps per "
-            "contender per round; the ratio is the median of per-round ratios",
-            "targets": targets,
-            "ratios": ratios,
-            "seconds": {k: [round(t, 5) for t in v] for k, v in times.items()},
-            "max_abs_vector_diff_after_training": drift,
-            "machine": info,
-        },
-    )
     print(f"wrote {path}")
     return 0
 

@@ -106,7 +106,8 @@ def value_info(node: Node) -> tuple[Any, str | None]:
     return None, None
 
 
-def _graph_of(model: Any) -> GraphModule:
+def graph_of(model: Any, caller: str = "this function") -> GraphModule:
+    """The graph to look at: an IA3Model's first graph, an ExportedProgram's module, or the GraphModule."""
     from .model import IA3Model
 
     if isinstance(model, IA3Model):
@@ -115,7 +116,10 @@ def _graph_of(model: Any) -> GraphModule:
         return model.module()
     if isinstance(model, GraphModule):
         return model
-    raise TypeError(f"expected an IA3Model, GraphModule or ExportedProgram, got {type(model).__name__}")
+    raise TypeError(
+        f"{caller} takes an IA3Model, a GraphModule or an ExportedProgram, got {type(model).__name__}; "
+        "trace a plain model first with ia3fx.trace(model, example_inputs)"
+    )
 
 
 def to_networkx(graph_module: Any) -> nx.DiGraph:
@@ -128,7 +132,7 @@ def to_networkx(graph_module: Any) -> nx.DiGraph:
     linear-like call site, else ``None``), ``shape`` and ``dtype`` where ``meta["val"]`` knows
     them. Accepts an ``IA3Model`` (its :attr:`~ia3fx.IA3Model.graph_module`) too.
     """
-    gm = _graph_of(graph_module)
+    gm = graph_of(graph_module, "to_networkx()")
     classes = module_classes(gm)
     sites = {s.node: s for s in find_call_sites(gm)}
     g = nx.DiGraph(name=type(gm).__name__)

@@ -34,6 +34,7 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from .capture import _dim_spec, _dynamic_shapes, _training_mode, is_transformers_model, normalize_inputs
+from .io import move_into_place
 from .model import IA3Model
 from .passes._lazy import realize
 
@@ -215,26 +216,6 @@ def _write_onnx(ep: torch.export.ExportedProgram, file: str, token_dims: bool) -
     program.save(file)
 
 
-# --- atomic writes --------------------------------------------------------------------------------
-def _move_into_place(staged: str, final: str) -> None:
-    """Rename ``staged`` to ``final``; an existing ``final`` is set aside first, removed only after."""
-    old = None
-    if os.path.lexists(final):
-        old = f"{staged}.old"
-        os.rename(final, old)
-    try:
-        os.rename(staged, final)
-    except BaseException:
-        if old is not None:
-            os.rename(old, final)
-        raise
-    if old is not None:
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.remove(old)
-
-
 # --- entry point ----------------------------------------------------------------------------------
 def export(
     model: IA3Model,
@@ -277,7 +258,7 @@ def export(
             staged = os.path.join(tmp, "checkpoint")
             os.mkdir(staged)  # not the private temporary directory itself: the usual permissions
             _write_transformers(model, staged, tokenizer)
-            _move_into_place(staged, out)
+            move_into_place(staged, out)
             return out
         ep = exported_program(model, merged=merged, example_inputs=example_inputs)
         staged = os.path.join(tmp, os.path.basename(out))
@@ -292,8 +273,8 @@ def export(
             side = os.path.join(parent, name)
             if os.path.lexists(side) and not overwrite:
                 raise FileExistsError(f"{side} already exists; pass overwrite=True to replace it")
-            _move_into_place(os.path.join(tmp, name), side)
-        _move_into_place(staged, out)
+            move_into_place(os.path.join(tmp, name), side)
+        move_into_place(staged, out)
         return out
     finally:
         if os.path.isdir(tmp):

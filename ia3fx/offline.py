@@ -44,6 +44,7 @@ from torch import nn
 
 from .config import CONFIG_NAME, IA3Config
 from .errors import IA3Error
+from .io import move_into_place
 from .scaling import fold_bias, fold_weight, weight_scale
 from .sites import CONV_KINDS
 
@@ -708,25 +709,9 @@ def _other_files(base_dir: str, weights: set[str]) -> tuple[list[str], list[str]
 
 
 def _finish(tmp: str, out: str) -> None:
-    """Move ``tmp`` to ``out``; an existing ``out`` is set aside first and removed only after."""
-    mode = 0o777 & ~_umask()
-    os.chmod(tmp, mode)
-    old = None
-    if os.path.lexists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-        os.rmdir(old)
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.remove(old)
+    """Give ``tmp`` the usual directory permissions (mkdtemp's are private), then move it to ``out``."""
+    os.chmod(tmp, 0o777 & ~_umask())
+    move_into_place(tmp, out)
 
 
 def _umask() -> int:

@@ -32,11 +32,10 @@ from typing import Any
 
 import graphviz
 import networkx as nx
-import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from .analysis import IA3_KEY, module_classes, node_module, target_name, value_info
+from .analysis import IA3_KEY, graph_of, module_classes, node_module, target_name, value_info
 from .sites import CallSite, find_call_sites
 
 __all__ = ["draw", "to_dot", "graph_diff", "GraphDiff", "COLORS", "VIEWS"]
@@ -197,23 +196,8 @@ def graph_diff(adapted: Any, base: Any = None) -> GraphDiff:
 
     Without ``base``, the nodes ia3fx tagged (``node.meta["ia3fx"]``) count as added.
     """
-    _, diff = _diff_records(_records(_graph_of(adapted)), _records(_graph_of(base)) if base is not None else None)
+    _, diff = _diff_records(_records(graph_of(adapted, "graph_diff()")), _records(graph_of(base, "graph_diff()")) if base is not None else None)
     return diff
-
-
-def _graph_of(model: Any) -> GraphModule:
-    from .model import IA3Model
-
-    if isinstance(model, IA3Model):
-        return model.graph_module
-    if isinstance(model, torch.export.ExportedProgram):
-        return model.module()
-    if isinstance(model, GraphModule):
-        return model
-    raise TypeError(
-        f"draw() takes an IA3Model, a GraphModule or an ExportedProgram, got {type(model).__name__}; "
-        "trace a plain model first with ia3fx.trace(model, example_inputs)"
-    )
 
 
 # --- folding identical repeated blocks -----------------------------------------------------------
@@ -699,14 +683,14 @@ def to_dot(
         raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {view!r}")
     if base is not None and view != "diff":
         raise ValueError("base= is only used by view='diff'")
-    gm = _graph_of(model_or_graph)
+    gm = graph_of(model_or_graph, "draw()")
     records = _records(gm)
     classes = module_classes(gm)
     diff = None
     if view == "diff":
         base_records = None
         if base is not None:
-            base_gm = _graph_of(base)
+            base_gm = graph_of(base, "draw()")
             base_records = _records(base_gm)
             classes = {**module_classes(base_gm), **classes}
         records, diff = _diff_records(records, base_records)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 
+import peft
 import pytest
 import torch
 from conftest import (
@@ -22,6 +23,8 @@ from conftest import (
     tiny_t5,
     token_inputs,
 )
+
+import ia3fx
 
 ATOL = 1e-5
 
@@ -179,6 +182,23 @@ def test_transformers_parity_other_shapes(name):
     family = CASES_BY_NAME[name][2]
     for batch, seq in [(1, 4), (5, 13), (3, 2)]:
         _assert_same(peft_model, ia3_model, token_inputs(family, batch=batch, seq=seq, seed=batch + seq))
+
+
+def test_static_trace_retraces_per_shape_and_matches_peft():
+    """``dynamic=False``: every size is fixed, a call with other sizes is traced again (once per
+    shape), and every graph reads the same vectors."""
+    _, factory, family, kwargs = CASES_BY_NAME["llama-defaults"]
+    model = factory()
+    peft_model, dynamic_model = peft_and_ia3(copy.deepcopy(model), kwargs)
+    static_model = ia3fx.get_ia3_model(model, ia3fx.IA3Config(**kwargs), token_inputs(family), dynamic=False)
+    static_model.load_adapter_state_dict(peft.get_peft_model_state_dict(peft_model))
+    graph = static_model.graph_module
+    placeholders = [n.meta["val"] for n in graph.graph.nodes if n.op == "placeholder"]
+    assert all(isinstance(d, int) for v in placeholders for d in v.shape)  # nothing symbolic
+    for batch, seq in [(2, 7), (3, 5), (2, 7), (3, 5)]:
+        _assert_same(peft_model, static_model, token_inputs(family, batch=batch, seq=seq, seed=seq))
+    assert len(static_model.graph_modules) == 2  # (2, 7) was the trace's shape; (3, 5) once more
+    assert len(dynamic_model.graph_modules) == 1
 
 
 @pytest.mark.parametrize("name", ["llama-defaults", "gpt2-conv1d-defaults", "bert-seq-cls"])

@@ -14,7 +14,9 @@ def container(gm: GraphModule, path: str) -> nn.Module:
     """The module at ``path`` in ``gm``, creating plain containers on the way."""
     mod: nn.Module = gm
     for part in path.split(".") if path else []:
-        child = getattr(mod, part, None)
+        child = mod._modules.get(part)  # direct: nn.Module.__getattr__ is slow on a deep walk
+        if child is None and hasattr(mod, part):
+            child = getattr(mod, part)
         if child is None:
             child = nn.Module()
             mod.add_module(part, child)

@@ -15,8 +15,8 @@ A mask is dropped (``is_causal=True``, or no mask) only when all of these hold:
   random ops;
 * its numeric constants are small (``|c| <= 64``), so no sliding-window or chunk size hides in it
   beyond the sizes tried below;
-* replayed on CPU at many sizes (lengths 2 to 127, several batch sizes, within the ranges the
-  trace allows) it is exactly the lower-triangular causal pattern, or all true;
+* replayed on CPU at several sizes (lengths 2, 3, 5 and 127, batch sizes 2, 5 and 9, within the
+  ranges the trace allows) it is exactly the lower-triangular causal pattern, or all true;
 * for ``is_causal``: query and key have the same (symbolic) length, where sdpa's top-left
   alignment and transformers' bottom-right one agree.
 
@@ -44,11 +44,11 @@ _ASSERT = aten._assert_tensor_metadata.default
 _SHAPE_OPS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
 _MAX_CONSTANT = 64  # larger constants could be a window or chunk size that small sizes never reach
 _SENTINELS = {torch.iinfo(torch.int64).max, torch.iinfo(torch.int64).min}  # "to the end" slices
-_SMALL = (2, 3, 5)  # sizes tried for all dynamic dims at once
-# then for the mask's length dims, the others at 2: past any window of at most _MAX_CONSTANT, and
-# small enough (2 x 127 x 127 < 32768) that no replayed op goes multi-threaded
-_LARGE = (67, 127)
-_MIDDLE = 9  # for a batch-like dim
+_SMALL = (2, 5)  # sizes tried for all dynamic dims at once
+# then for the mask's length dims, the others at 2: past any window or chunk of at most
+# _MAX_CONSTANT, and small enough (2 x 127 x 127 < 32768) that no replayed op goes multi-threaded
+_LARGE = (127,)
+_MIDDLE = (9, 3)  # a batch-like dim alone, with the length dims at 3
 _MAX_ELEMENTS = 1 << 22  # a mask larger than this at the sizes tried is not replayed
 _CPU = torch.device("cpu")
 
@@ -235,7 +235,7 @@ def _assignments(inputs: list[Node], mask: Node) -> Iterable[dict[Any, int]]:
     lengths = {s for d in _val(mask).shape[-2:] if isinstance(d, torch.SymInt) for s in d.node.expr.free_symbols}
     picks = [dict.fromkeys(syms, p) for p in _SMALL]
     picks += [{s: (p if s in lengths else _SMALL[0]) for s in syms} for p in _LARGE if lengths]
-    picks += [{s: (_MIDDLE if s is other else _SMALL[1]) for s in syms} for other in syms if other not in lengths]
+    picks += [{s: _MIDDLE[0] if s is other else _MIDDLE[1] for s in syms} for other in syms if other not in lengths]
     seen = set()
     for pick in picks:
         assignment = {s: min(max(p, ranges[s][0]), ranges[s][1]) for s, p in pick.items()}
