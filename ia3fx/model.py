@@ -566,6 +566,13 @@ class IA3Model(nn.Module):
         if not names:
             warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
             return
+        if self._disabled and self._merged:
+            # inside the block the weights are the originals, set aside from the merged ones that
+            # come back on exit: a merge here could not be kept without losing the earlier one
+            raise ValueError(
+                f"cannot merge {names} inside disable_adapter() while {self._merged} are merged: merge "
+                "them after the block, or unmerge_adapter() first"
+            )
         updates = self._merge_plan(names, safe_merge)
         with torch.no_grad():
             for param, data in updates:

@@ -345,6 +345,24 @@ def test_unmerge_inside_disable_adapter_stays_unmerged():
     torch.testing.assert_close(_out(ia3_model, inputs), adapted, rtol=0, atol=0)
 
 
+def test_merge_inside_disable_adapter_of_a_merged_model_is_refused():
+    """The block sets the merged weights aside; a merge inside could not keep both merges."""
+    _, ia3_model, base, inputs = _build("llama")
+    ia3_model.add_adapter("other", ia3fx.IA3Config(target_modules=["v_proj"], feedforward_modules=[]))
+    ia3_model.merge_adapter(["default"])
+    merged_snap = _snapshot(ia3_model)
+    merged_out = _out(ia3_model, inputs)
+    with ia3_model.disable_adapter():
+        with pytest.raises(ValueError, match=r"cannot merge \['other'\] inside disable_adapter"):
+            ia3_model.merge_adapter(["other"])
+        torch.testing.assert_close(_out(ia3_model, inputs), _out(base, inputs), rtol=0, atol=1e-6)
+    assert ia3_model.merged_adapters == ["default"]
+    _assert_unchanged(ia3_model, merged_snap)
+    torch.testing.assert_close(_out(ia3_model, inputs), merged_out, rtol=0, atol=0)
+    ia3_model.merge_adapter(["other"])  # after the block it merges on top
+    assert ia3_model.merged_adapters == ["default", "other"]
+
+
 # --- merge_and_unload / unload -------------------------------------------------------------------
 @pytest.mark.parametrize("name", MAIN)
 def test_merge_and_unload_matches_peft(name):
