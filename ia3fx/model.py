@@ -811,6 +811,7 @@ class IA3Model(nn.Module):
         example_inputs: Any = None,
         *,
         autocast_adapter_dtype: bool = True,
+        dynamic: bool = True,
     ) -> IA3Model:
         """Adapt ``model`` with the PEFT IA3 adapter saved in directory ``model_id``.
 
@@ -818,7 +819,7 @@ class IA3Model(nn.Module):
         ``torch.load(weights_only=True)``), including configs PEFT cannot reload itself (``all-linear``
         with a feedforward list). A problem with the files or a mismatch with the model raises
         :class:`~ia3fx.AdapterLoadError` and leaves ``model`` as it was. ``.eval()`` unless
-        ``is_trainable``, as PEFT.
+        ``is_trainable``, as PEFT. ``dynamic`` as in :func:`get_ia3_model`.
         """
         from .io import read_adapter_files
 
@@ -831,7 +832,9 @@ class IA3Model(nn.Module):
             if not is_trainable and modes:
                 model.eval()  # as PEFT (below); first, so that the graph captured is the eval one
             try:
-                adapted = cls(model, config, adapter_name, example_inputs, autocast_adapter_dtype=autocast_adapter_dtype)
+                adapted = cls(
+                    model, config, adapter_name, example_inputs, autocast_adapter_dtype=autocast_adapter_dtype, dynamic=dynamic
+                )
                 adapted.load_adapter_state_dict(tensors, adapter_name)
             except (AdapterLoadError, NoMatchingModuleError) as e:
                 raise AdapterLoadError(f"cannot load the adapter in {os.fspath(model_id)}: {e}") from e

@@ -84,6 +84,22 @@ def read_config(directory) -> dict:
 
 
 # --- interop with PEFT, both directions --------------------------------------------------------
+def test_from_pretrained_with_a_static_trace(tmp_path):
+    """``dynamic=False`` reaches the trace: every size fixed, and another shape is traced again."""
+    make, kwargs, _ = FAMILIES["llama"]
+    base, inputs = make(), token_inputs("llama")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**kwargs)).eval()
+    randomize_peft(pm, seed=3)
+    pm.save_pretrained(tmp_path)
+    model = IA3Model.from_pretrained(copy.deepcopy(base), tmp_path, example_inputs=inputs, dynamic=False)
+    vals = [n.meta["val"] for n in model.graph_module.graph.nodes if n.op == "placeholder"]
+    assert all(isinstance(d, int) for v in vals for d in v.shape)
+    other = token_inputs("llama", batch=3, seq=5, seed=4)
+    for batch in (inputs, other):
+        assert torch.allclose(run(model, batch), run(pm, batch), atol=ATOL)
+    assert len(model.graph_modules) == 2
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_peft_saved_adapters_load_in_ia3fx(tmp_path, family):
     """PEFT writes ``default`` and ``other`` (in ``other/``); ia3fx reads both, same logits."""
