@@ -1,4 +1,4 @@
-"""Shared by bench_forward.py, bench_train.py and bench_apply.py: models, timing method, output.
+"""Shared by bench_forward.py, bench_train.py, bench_merge.py and bench_apply.py: models, timing, output.
 
 Timing method (the machine is shared and noisy): every contender runs in every round, the
 contenders taking turns call by call in an order that reverses at every turn, and a round keeps
@@ -121,8 +121,12 @@ def report(
     )
 
 
+def _nothing(obj: object = None) -> None:
+    return None
+
+
 def alternate(
-    contenders: dict[str, Callable[[], object]],
+    contenders: dict[str, Callable[[], object] | tuple[Callable[[], object], Callable[[object], object], Callable[[object], object]]],
     rounds: int,
     reps: int,
     progress: bool = True,
@@ -131,8 +135,13 @@ def alternate(
 
     Within a round the contenders take turns call by call (A B C, C B A, A B C, ...), so a slow
     spell of the machine lands on all of them; the best call of each then stands for the round.
+    A contender is a function to time, or ``(prepare, run, cleanup)``: only ``run(prepare())``
+    is timed, and ``cleanup`` gets the prepared object after it (a fresh copy to merge, say).
     """
     names = list(contenders)
+    steps = {
+        n: c if isinstance(c, tuple) else (_nothing, lambda _, fn=c: fn(), _nothing) for n, c in contenders.items()
+    }
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     turn = 0
@@ -141,10 +150,13 @@ def alternate(
         best_cpu = dict.fromkeys(names, float("inf"))
         for _ in range(reps):
             for name in names if turn % 2 == 0 else names[::-1]:
+                prepare, run, cleanup = steps[name]
+                obj = prepare()
                 w0, c0 = time.perf_counter(), time.process_time()
-                contenders[name]()
+                run(obj)
                 best_wall[name] = min(best_wall[name], time.perf_counter() - w0)
                 best_cpu[name] = min(best_cpu[name], time.process_time() - c0)
+                cleanup(obj)
             turn += 1
         for n in names:
             wall[n].append(best_wall[n])

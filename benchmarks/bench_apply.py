@@ -199,15 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     ia3fx_model.trace = real_trace
 
     def per_round(times: dict[str, list[float]], num: str, den: str) -> dict:
-        rs = [a / b for a, b in zip(times[num], times[den], strict=True)]
+        return ratio_of(times[num], times[den])
+
+    def ratio_of(nums: list[float], dens: list[float]) -> dict:
+        rs = [a / b for a, b in zip(nums, dens, strict=True)]
         return {"median": round(statistics.median(rs), 4), "rounds": [round(x, 4) for x in rs]}
 
     ratios = {
         "get_ia3_model / export_dynamic (wall)": per_round(wall, "get_ia3_model", "export_dynamic"),
         "get_ia3_model / export_dynamic (cpu)": per_round(cpu, "get_ia3_model", "export_dynamic"),
-        "get_ia3_model / export_dynamic+module (cpu)": per_round(
-            {"a": cpu["get_ia3_model"], "b": [e + m for e, m in zip(cpu["export_dynamic"], extra["module_cpu"], strict=True)]},
-            "a", "b",
+        "get_ia3_model / export_dynamic+module (cpu)": ratio_of(
+            cpu["get_ia3_model"], [e + m for e, m in zip(cpu["export_dynamic"], extra["module_cpu"], strict=True)]
         ),
         "get_ia3_model_static / export_static (wall)": per_round(wall, "get_ia3_model_static", "export_static"),
         "get_ia3_model_static / export_static (cpu)": per_round(cpu, "get_ia3_model_static", "export_static"),

@@ -17,11 +17,10 @@ Merge time, in memory (target: <= 1.0 x PEFT's ``merge_and_unload``):
 * ``ia3fx merge_and_unload``: on a fresh deep copy of the adapted model each call (copy untimed);
 * ``peft merge_and_unload``: on a fresh deep copy of the PEFT model each call (copy untimed).
 
-Method (the machine is shared and noisy): every contender runs in every round, in an order that
-reverses each round, a round keeps each contender's best of ``reps`` calls, and a figure is the
-median over rounds of the per-round ratio. By default the clock is this process's CPU time with
-one torch thread, which other processes on a busy machine barely disturb; ``--clock wall
---threads N`` measures elapsed time instead (on a quiet machine).
+Method: ``_common.alternate`` (contenders take turns call by call, the order reversing at every
+turn; a round keeps each one's best of ``reps`` calls; figures are medians of per-round ratios),
+on this process's CPU time with one torch thread (primary: other processes on a busy machine
+barely disturb it) and on wall clock beside it.
 
     python benchmarks/bench_merge.py            # 11 rounds, results/merge.json
     python benchmarks/bench_merge.py --quick    # 2 layers, batch 2 x 64, 3 rounds (< 2 min)
@@ -32,8 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 from _common import (
@@ -41,8 +38,8 @@ from _common import (
     command,
     llama_config,
     machine,
-    ratio,
     ratio_lines,
+    ratios_both,
     table,
     time_rows,
     write_json,
@@ -89,43 +86,15 @@ def check(base, peft_model, adapted, ids) -> float:
     return diff
 
 
-def alternate_prepared(
-    contenders: dict[str, tuple[Callable[[], object], Callable[[object], object], Callable[[object], object]]],
-    rounds: int,
-    reps: int,
-    clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, list[float]]:
-    """Like ``_common.alternate``, but each call gets a prepared object and cleans up after itself,
-    neither timed: ``(prepare, run, cleanup)`` per contender."""
-    names = list(contenders)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            prepare, run, cleanup = contenders[name]
-            best = float("inf")
-            for _ in range(reps):
-                obj = prepare()
-                t0 = clock()
-                run(obj)
-                best = min(best, clock() - t0)
-                cleanup(obj)
-            times[name].append(best)
-        print(f"  round {r + 1}/{rounds}", file=sys.stderr, flush=True)
-    return times
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 layers, batch 2 x 64, 3 rounds")
     p.add_argument("--rounds", type=int)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--merge-reps", type=int, default=3)
-    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
-                   help="cpu: this process's CPU time (robust on a shared machine; default); wall: elapsed time")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     args.layers, args.hidden, args.intermediate, args.heads, args.vocab = 4, 512, 1376, 8, 1000
     args.batch, args.seq = 4, 128
     if args.quick:
@@ -155,8 +124,8 @@ def main() -> int:
         for model in forward.values():  # warm-up (the graphs generate their code on first call)
             model(input_ids=ids)
         print("forward:", file=sys.stderr)
-        fwd_times = alternate({k: call(m) for k, m in forward.items()}, rounds, args.reps, clock=clock)
-    fwd_ratios = [ratio(fwd_times, name, "base") for name in forward if name != "base"]
+        fwd_wall, fwd_cpu = alternate({k: call(m) for k, m in forward.items()}, rounds, args.reps)
+    fwd_ratios = ratios_both(fwd_wall, fwd_cpu, [(name, "base") for name in forward if name != "base"])
 
     # --- merge time --------------------------------------------------------------------------------
     def nothing(obj):
@@ -168,17 +137,17 @@ def main() -> int:
         "peft merge_and_unload": (lambda: copy.deepcopy(peft_model), lambda m: m.merge_and_unload(), nothing),
     }
     print("merge:", file=sys.stderr)
-    merge_times = alternate_prepared(merge, rounds, args.merge_reps, clock=clock)
-    merge_ratios = [
-        ratio(merge_times, "ia3fx merge_adapter", "peft merge_and_unload"),
-        ratio(merge_times, "ia3fx merge_and_unload", "peft merge_and_unload"),
-    ]
+    merge_wall, merge_cpu = alternate(merge, rounds, args.merge_reps)
+    merge_ratios = ratios_both(
+        merge_wall, merge_cpu,
+        [("ia3fx merge_adapter", "peft merge_and_unload"), ("ia3fx merge_and_unload", "peft merge_and_unload")],
+    )
 
     targets = {r["ratio"]: FORWARD_TARGET for r in fwd_ratios}
     targets.update({r["ratio"]: MERGE_TARGET for r in merge_ratios})
-    print(table(time_rows(fwd_times, "ms")))
+    print(table(time_rows(fwd_wall, fwd_cpu)))
     print()
-    print(table(time_rows(merge_times, "ms")))
+    print(table(time_rows(merge_wall, merge_cpu)))
     print()
     print(ratio_lines(fwd_ratios + merge_ratios, targets))
     path = write_json(
@@ -192,15 +161,16 @@ def main() -> int:
                 "no_grad, eval; PEFT's default Llama targets (k_proj, v_proj, down_proj), random vectors"
             ),
             "method": (
-                f"{rounds} rounds, order reversed each round, best of {args.reps} forward calls / "
-                f"{args.merge_reps} merges per contender per round (deep copies and unmerges untimed); "
-                f"clock: {'process CPU time' if args.clock == 'cpu' else 'wall time'}, {args.threads} torch "
-                "thread(s); ratios are medians of per-round ratios"
+                f"{rounds} rounds; within a round the contenders take turns call by call, the order "
+                f"reversing every turn, best of {args.reps} forward calls / {args.merge_reps} merges each "
+                f"(deep copies and unmerges untimed); {args.threads} torch thread(s); ratios are medians "
+                "of per-round ratios, on CPU time (primary) and wall clock"
             ),
             "checks": {"merged weights == PEFT merge_and_unload": "bit-identical", "max |merged - adapted logits|": diff},
             "targets": targets,
             "ratios": fwd_ratios + merge_ratios,
-            "times_s": {**fwd_times, **merge_times},
+            "seconds_wall": {**fwd_wall, **merge_wall},
+            "seconds_cpu": {**fwd_cpu, **merge_cpu},
             "machine": machine(),
         },
     )

@@ -15,8 +15,8 @@ def container(gm: GraphModule, path: str) -> nn.Module:
     mod: nn.Module = gm
     for part in path.split(".") if path else []:
         child = mod._modules.get(part)  # direct: nn.Module.__getattr__ is slow on a deep walk
-        if child is None and hasattr(mod, part):
-            child = getattr(mod, part)
+        if child is None:
+            child = getattr(mod, part, None)
         if child is None:
             child = nn.Module()
             mod.add_module(part, child)
