@@ -250,11 +250,14 @@ def trace(
         return gm
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace() takes an nn.Module, GraphModule or ExportedProgram, got {type(model)}")
+    from .blocks import bypassed
+
     is_hf = is_transformers_model(model)
     args, kwargs = normalize_inputs(example_inputs)
     if example_inputs is None and is_hf:
         args, kwargs = default_inputs(model)
-    with _training_mode(model, train):
+    # a model adapted in place by ia3fx traces as its base computation
+    with _training_mode(model, train), bypassed():
         if not args and not kwargs:
             return _symbolic_trace(model)
         with _caches_disabled(model) if is_hf else contextlib.nullcontext():

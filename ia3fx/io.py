@@ -142,24 +142,33 @@ def _commit(staged: list[tuple[str, str]], directory: str) -> None:
 
 
 def save_adapter_files(
-    directory: str | os.PathLike, config: IA3Config, state_dict: Mapping[str, torch.Tensor]
+    directory: str | os.PathLike,
+    config: IA3Config,
+    state_dict: Mapping[str, torch.Tensor],
+    extra_weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Write config and tensors into ``directory`` (created if needed), atomically as a set."""
+    """Write config and tensors into ``directory`` (created if needed), atomically as a set.
+
+    ``extra_weights`` maps more safetensors file names to their tensors, written in the same set
+    (the copy of the adapter that transformers' Trainer reads back when resuming).
+    """
     directory = os.fspath(directory)
     if os.path.isfile(directory):
         raise ValueError(f"Provided path ({directory}) should be a directory, not a file")
     os.makedirs(directory, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    files = {WEIGHTS_NAME: state_dict, **(extra_weights or {})}
     text = config.to_json_string()
     staged: list[tuple[str, str]] = []
     try:
-        tmp = _temp_path(directory, WEIGHTS_NAME)
-        final = os.path.join(directory, WEIGHTS_NAME)
-        staged.append((tmp, final))
-        mode = os.stat(final if os.path.exists(final) else tmp).st_mode & 0o777
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, mode)  # safetensors writes 0o600; keep the file's mode, or the usual one
-        _fsync(tmp)
+        for name, tensors in files.items():
+            tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+            tmp = _temp_path(directory, name)
+            final = os.path.join(directory, name)
+            staged.append((tmp, final))
+            mode = os.stat(final if os.path.exists(final) else tmp).st_mode & 0o777
+            save_file(tensors, tmp, metadata={"format": "pt"})
+            os.chmod(tmp, mode)  # safetensors writes 0o600; keep the file's mode, or the usual one
+            _fsync(tmp)
         tmp = _temp_path(directory, CONFIG_NAME)
         final = os.path.join(directory, CONFIG_NAME)
         staged.append((tmp, final))

@@ -258,6 +258,11 @@ def peft_and_ia3(model: nn.Module, peft_kwargs: dict, example_inputs=None, seed:
 
     import ia3fx
 
+    # as transformers' Trainer does: no KV cache in plain forward calls, so that the adapted model
+    # runs its block graphs (with a cache, blocks run their own code scaled by hooks: test_dropin)
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None):
+        config.use_cache = False
     base_for_ia3 = copy.deepcopy(model)
     peft_model = peft.get_peft_model(model, peft.IA3Config(**copy.deepcopy(peft_kwargs)))
     peft_model.eval()

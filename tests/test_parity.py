@@ -189,6 +189,7 @@ def test_static_trace_retraces_per_shape_and_matches_peft():
     shape), and every graph reads the same vectors."""
     _, factory, family, kwargs = CASES_BY_NAME["llama-defaults"]
     model = factory()
+    model.config.use_cache = False  # plain forward calls run the block graphs
     peft_model, dynamic_model = peft_and_ia3(copy.deepcopy(model), kwargs)
     static_model = ia3fx.get_ia3_model(model, ia3fx.IA3Config(**kwargs), token_inputs(family), dynamic=False)
     static_model.load_adapter_state_dict(peft.get_peft_model_state_dict(peft_model))
@@ -197,20 +198,24 @@ def test_static_trace_retraces_per_shape_and_matches_peft():
     assert all(isinstance(d, int) for v in placeholders for d in v.shape)  # nothing symbolic
     for batch, seq in [(2, 7), (3, 5), (2, 7), (3, 5)]:
         _assert_same(peft_model, static_model, token_inputs(family, batch=batch, seq=seq, seed=seq))
-    assert len(static_model.graph_modules) == 2  # (2, 7) was the trace's shape; (3, 5) once more
-    assert len(dynamic_model.graph_modules) == 1
+    # the model runs its block graphs: (2, 7) captured first, (3, 5) once more; dynamic: once
+    assert len(static_model.block_graphs) == 2
+    for batch, seq in [(2, 7), (3, 5)]:
+        _assert_same(peft_model, dynamic_model, token_inputs(family, batch=batch, seq=seq, seed=seq))
+    assert len(dynamic_model.block_graphs) == 1
 
 
 @pytest.mark.parametrize("name", ["llama-defaults", "gpt2-conv1d-defaults", "bert-seq-cls"])
 def test_transformers_parity_attention_mask(name):
-    """An ``attention_mask`` kwarg is a new input signature, hence a new trace, reading the same
-    vectors as the first graph."""
+    """An ``attention_mask`` kwarg gives the blocks a mask tensor: one new block capture, reading
+    the same vectors as the first."""
     peft_model, ia3_model, _ = _adapted(name)
     family = CASES_BY_NAME[name][2]
-    n_graphs = len(ia3_model.graph_modules)
+    _assert_same(peft_model, ia3_model, token_inputs(family, batch=2, seq=5, seed=1))
+    n_graphs = len(ia3_model.block_graphs)
     for batch, seq in [(3, 9), (2, 12)]:
         _assert_same(peft_model, ia3_model, token_inputs(family, batch=batch, seq=seq, seed=seq, mask=True))
-    assert len(ia3_model.graph_modules) == n_graphs + 1  # traced once for the new signature
+    assert len(ia3_model.block_graphs) == n_graphs + 1  # captured once for the mask, any size
     # every graph reads the one set of vectors: change them, both signatures follow
     with torch.no_grad():
         for p in ia3_model.ia3_l.parameters():
@@ -220,7 +225,7 @@ def test_transformers_parity_attention_mask(name):
                 p.mul_(1.1)
     _assert_same(peft_model, ia3_model, token_inputs(family, batch=2, seq=6, seed=3, mask=True))
     _assert_same(peft_model, ia3_model, token_inputs(family, batch=2, seq=6, seed=3))
-    assert len(ia3_model.graph_modules) == n_graphs + 1
+    assert len(ia3_model.block_graphs) == n_graphs + 1
 
 
 def test_all_linear_llama_does_not_target_lm_head():

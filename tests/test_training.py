@@ -133,6 +133,11 @@ def test_saved_copy_trains_original_does_not():
 
 
 # --- train vs eval graphs ----------------------------------------------------------------------
+def _graphs_run(model):
+    """The graphs a model's forward runs: its block graphs, or its whole-model graphs."""
+    return model.block_graphs if model._blocks_mode else model.graph_modules
+
+
 def _assert_train_eval(peft_model, ia3_model, call):
     with torch.no_grad():
         ia3_model.eval()
@@ -140,7 +145,7 @@ def _assert_train_eval(peft_model, ia3_model, call):
         first = call(ia3_model)
         torch.testing.assert_close(call(ia3_model), first, rtol=0, atol=0)  # deterministic
         torch.testing.assert_close(first, call(peft_model), rtol=0, atol=1e-5)
-        n_graphs = len(ia3_model.graph_modules)
+        n_graphs = len(_graphs_run(ia3_model))
 
         ia3_model.train()
         assert ia3_model.training
@@ -149,14 +154,14 @@ def _assert_train_eval(peft_model, ia3_model, call):
         b = call(ia3_model)
         assert not torch.allclose(a, b)  # dropout is on
         assert not torch.allclose(a, first)
-        assert len(ia3_model.graph_modules) == n_graphs + 1  # a train graph next to the eval one
+        assert len(_graphs_run(ia3_model)) == n_graphs + 1  # a train graph next to the eval one
 
         ia3_model.eval()
         torch.testing.assert_close(call(ia3_model), first, rtol=0, atol=0)
-        assert len(ia3_model.graph_modules) == n_graphs + 1  # the eval graph is cached
+        assert len(_graphs_run(ia3_model)) == n_graphs + 1  # the eval graph is cached
         ia3_model.train()
         call(ia3_model)
-        assert len(ia3_model.graph_modules) == n_graphs + 1  # so is the train graph
+        assert len(_graphs_run(ia3_model)) == n_graphs + 1  # so is the train graph
 
 
 @pytest.mark.parametrize("how", ["symbolic_trace", "export"])
@@ -171,15 +176,18 @@ def test_train_and_eval_use_different_graphs_gpt2():
     peft_model, ia3_model = peft_and_ia3(tiny_gpt2(), {})
     batch = token_inputs("gpt2")
     _assert_train_eval(peft_model, ia3_model, lambda m: m(**batch).logits)
-    # the eval graph has dropout off, the train graph on
-    train_graphs = [g for g in ia3_model.graph_modules if g is not ia3_model.graph_module]
-    assert len(train_graphs) == 1
+    # one block graph per mode: the eval one has dropout off, the train one on
+    train_graphs = [g.gm for g in ia3_model.block_graphs if g.training]
+    eval_graphs = [g.gm for g in ia3_model.block_graphs if not g.training]
+    assert len(train_graphs) == 1 and len(eval_graphs) == 1
 
     def dropout_flags(gm):
         return [n.args[2] for n in gm.graph.nodes if n.target is torch.ops.aten.dropout.default]
 
-    assert dropout_flags(ia3_model.graph_module) and not any(dropout_flags(ia3_model.graph_module))
+    assert dropout_flags(eval_graphs[0]) and not any(dropout_flags(eval_graphs[0]))
     assert dropout_flags(train_graphs[0]) and all(dropout_flags(train_graphs[0]))
+    # the whole-model graph (for drawing and export) is the eval one
+    assert dropout_flags(ia3_model.graph_module) and not any(dropout_flags(ia3_model.graph_module))
 
 
 def test_model_in_train_mode_is_traced_in_train_mode():

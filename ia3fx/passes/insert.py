@@ -66,11 +66,16 @@ def insert_scales(
     gm: GraphModule,
     sites: Sequence[CallSite],
     vectors: Mapping[str | Slot, torch.Tensor],
+    *,
+    cast: bool = False,
 ) -> tuple[GraphModule, InsertResult]:
     """Scale call sites by vectors; idempotent (a slot already in the graph is left alone).
 
     ``vectors`` maps a layer name to its vector (placed where the annotated site says: input if
-    feedforward, else output) or a ``(layer, placement)`` slot to a vector.
+    feedforward, else output) or a ``(layer, placement)`` slot to a vector. A scaled value is cast
+    back to the dtype it had (PEFT's rounding) when the vector's dtype differs from the weight's, or
+    always with ``cast`` (a graph run under autocast, where the layer's output dtype is not its
+    weight's).
     """
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
@@ -90,7 +95,7 @@ def insert_scales(
             if placement in done:
                 result.already_scaled += 1
                 continue
-            mul = _insert(gm, node, site, placement, slots[slot])
+            mul = _insert(gm, node, site, placement, slots[slot], cast)
             node.meta["ia3fx_scaled"] = (*done, placement)  # a new tuple: graph copies share meta
             result.inserted.setdefault(slot, []).append(mul.name)
     graph.lint()
@@ -98,10 +103,10 @@ def insert_scales(
     return gm, result
 
 
-def _insert(gm: GraphModule, node: Node, site: CallSite, placement: str, vec: torch.Tensor) -> Node:
+def _insert(gm: GraphModule, node: Node, site: CallSite, placement: str, vec: torch.Tensor, cast: bool) -> Node:
     graph = gm.graph
     weight = get_attr_path(gm, site.weight)
-    cast = vec.dtype != weight.dtype  # half bases keep fp32 vectors; round once, as PEFT
+    cast = cast or vec.dtype != weight.dtype  # half bases keep fp32 vectors; round once, as PEFT
     target = slot_attr(site.name, placement)
     if placement == "input":
         x = _input_node(node, site)
