@@ -12,8 +12,22 @@ import torch
 from torch import nn
 
 from .adapter_store import Slot, _slot
-from .blocks import BlockGraph, BlockRunner, bypassing, capture, fingerprint
+from .blocks import CAPTURE_LOCK, BlockGraph, BlockRunner, bypassing, capture, fingerprint
 from .errors import TraceError
+
+
+class SavedModuleDispatch:
+    """The ``forward`` of a ``modules_to_save`` original: the active adapter's copy, or itself."""
+
+    def __init__(self, owner: Any, name: str, original: nn.Module) -> None:
+        self.owner, self.name, self.original = owner, name, original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        original = self.original
+        chosen = original if bypassing() else self.owner._saved_value(self.name)
+        if chosen is original:
+            return type(original).forward(original, *args, **kwargs)
+        return chosen(*args, **kwargs)
 
 
 class BlockInstallMixin:
@@ -29,17 +43,9 @@ class BlockInstallMixin:
         (the original when adapters are off), as PEFT's ``ModulesToSaveWrapper``."""
         for module in self._all_saved():
             original = self.model.get_submodule(module)
-            if "forward" in vars(original):
-                continue
-
-            def forward(*args: Any, _name: str = module, _original: nn.Module = original, **kwargs: Any) -> Any:
-                chosen = _original if bypassing() else self._saved_value(_name)
-                if chosen is _original:
-                    return type(_original).forward(_original, *args, **kwargs)
-                return chosen(*args, **kwargs)
-
-            original.forward = forward
-            self._dispatched.append(original)
+            if "forward" not in vars(original):
+                original.forward = SavedModuleDispatch(self, module, original)
+                self._dispatched.append(original)
 
     def _install_blocks(self, blocks: dict[str, nn.Module]) -> None:
         """Put a runner in place of each block's forward; identical blocks share a group."""
@@ -143,7 +149,7 @@ class BlockInstallMixin:
         for graph in self._block_cache.get(key, ()):
             if graph.accepts(tensors):
                 return graph
-        with self._lock:
+        with CAPTURE_LOCK:
             for graph in self._block_cache.get(key, ()):
                 if graph.accepts(tensors):
                     return graph

@@ -43,11 +43,14 @@ from .passes import cleanup_graph, insert_scales, slot_attr
 from .passes._graph import VECTOR_ROOT
 from .sites import CallSite, find_call_sites
 
-__all__ = ["BlockGraph", "BlockRunner", "bypassed", "bypassing", "capture", "find_blocks", "fingerprint", "ScaleHooks"]
+__all__ = [
+    "BlockGraph", "BlockRunner", "ScaleHook", "ScaleHooks", "bypassed", "bypassing", "capture", "find_blocks",
+    "fingerprint",
+]
 
 Slot = tuple[str, str]  # (layer name, "input" | "output")
 _state = threading.local()  # .bypass: blocks run their own forward and hooks do nothing
-_capture_lock = threading.RLock()
+CAPTURE_LOCK = threading.RLock()  # one capture at a time (graphs, once captured, run concurrently)
 _IGNORED_ATTRS = {"training", "layer_idx", "gradient_checkpointing"}
 
 
@@ -348,41 +351,43 @@ def capture(
     )
 
 
+class ScaleHook:
+    """One forward hook (pre-hook for an input scale) on an adapted layer: PEFT's arithmetic with
+    the live vector read at each call. An object, not a closure, so that a ``copy.deepcopy`` of the
+    model gets hooks that read the copy's vectors."""
+
+    def __init__(self, hooks: ScaleHooks, name: str, placement: str) -> None:
+        self.hooks, self.name, self.placement = hooks, name, placement
+
+    def __call__(self, module: nn.Module, inputs: tuple, *output: torch.Tensor) -> Any:
+        v = None if _bypass() else self.hooks.value(self.name, self.placement)
+        if v is None:
+            return None
+        if self.placement == "output":
+            out = output[0]
+            return (out * v).to(out.dtype)
+        if not inputs:
+            return None
+        x = inputs[0]
+        return ((x.to(v.dtype) * v).to(x.dtype), *inputs[1:])
+
+
 class ScaleHooks:
-    """Forward hooks that scale adapted layers when they run as modules (a block's own forward, a
-    layer outside every block): PEFT's arithmetic, reading the live vector at each call."""
+    """The scale hooks of one adapted model: where they are, and how to remove them."""
 
     def __init__(self, value: Callable[[str, str], torch.Tensor | None]) -> None:
-        self._value = value
-        self._handles: list[Any] = []
-        self.functions: set[Callable] = set()
+        self.value = value
+        self._installed: list[tuple[nn.Module, int, bool]] = []  # (module, hook id, is pre-hook)
 
     def install(self, name: str, module: nn.Module, feedforward: bool) -> None:
-        if feedforward:
-            def pre(mod: nn.Module, inputs: tuple) -> tuple | None:
-                v = None if _bypass() else self._value(name, "input")
-                if v is None or not inputs:
-                    return None
-                x = inputs[0]
-                return ((x.to(v.dtype) * v).to(x.dtype), *inputs[1:])
-
-            self.functions.add(pre)
-            self._handles.append(module.register_forward_pre_hook(pre))
-        else:
-            def post(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-                v = None if _bypass() else self._value(name, "output")
-                if v is None:
-                    return None
-                return (output * v).to(output.dtype)
-
-            self.functions.add(post)
-            self._handles.append(module.register_forward_hook(post))
+        hook = ScaleHook(self, name, "input" if feedforward else "output")
+        handle = module.register_forward_pre_hook(hook) if feedforward else module.register_forward_hook(hook)
+        self._installed.append((module, handle.id, feedforward))
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.functions.clear()
+        for module, hook_id, pre in self._installed:
+            (module._forward_pre_hooks if pre else module._forward_hooks).pop(hook_id, None)
+        self._installed.clear()
 
 
 def _collector_wants_inner_outputs() -> bool:
@@ -432,15 +437,11 @@ class BlockRunner:
         self._named: frozenset[str] | None = None
 
     def as_forward(self) -> Callable[..., Any]:
-        """A plain function to set as the block's ``forward`` (torch.export wants one)."""
+        """What to set as the block's ``forward``: a bound method (torch.export wants a function's
+        code; ``copy.deepcopy`` of the model copies the runner with the block)."""
+        return self.run
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return self(*args, **kwargs)
-
-        forward.ia3fx_runner = self  # type: ignore[attr-defined]
-        return forward
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def run(self, *args: Any, **kwargs: Any) -> Any:
         capturing = getattr(_state, "capturing", None)
         if capturing is not None:  # torch.export is tracing this block's own forward
             return capturing(*args, **kwargs)
@@ -475,13 +476,13 @@ class BlockRunner:
         for value in (*args, *kwargs.values()):
             if _is_cache(value):
                 return True
-        hooks = self.owner._scale_hooks.functions
         for module in self.block.modules():
             if module is self.block:
                 continue
             for registry in (module._forward_hooks, module._forward_pre_hooks):
                 if registry and any(
-                    h not in hooks and getattr(h, "__name__", "") != "output_capturing_hook" for h in registry.values()
+                    not isinstance(h, ScaleHook) and getattr(h, "__name__", "") != "output_capturing_hook"
+                    for h in registry.values()
                 ):
                     return True
         return _collector_wants_inner_outputs()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +95,6 @@ class IA3Model(AdapterStoreMixin, WholeGraphMixin, BlockInstallMixin, MergeMixin
         self._live: dict[Slot, list[nn.Parameter]] = {}
         self._live_blocks: set[str] = set()
         self._ones: dict[Slot, torch.Tensor] = {}
-        self._lock = threading.RLock()
         self._dispatched: list[nn.Module] = []
         if retraceable:
             self.training = model.training  # the adapted model starts in the base model's mode

@@ -13,6 +13,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .adapter_store import Slot
+from .blocks import CAPTURE_LOCK
 from .capture import _copy_graph, accepts, input_signature, normalize_inputs, trace
 from .passes import cleanup_graph, fold_scales, insert_scales, redirect_modules_to_save, slot_attr
 from .passes._graph import SAVED_ROOT, container, set_module, set_tensor
@@ -150,7 +151,7 @@ class WholeGraphMixin:
         if self._blocks_mode:
             self._hook_targets()
             self._dispatch_saved()
-            with self._lock:
+            with CAPTURE_LOCK:
                 self._block_cache.clear()  # recaptured with the new slots at the next call
                 self._failed_groups.clear()
         for graph in self._flat_graphs():
@@ -172,7 +173,7 @@ class WholeGraphMixin:
         if not self._retraceable:
             return self._graphs[self._graph_key][0]
         mode = self.training if train is None else train
-        with self._lock:
+        with CAPTURE_LOCK:
             for key in ((mode, input_signature(args, kwargs)), (mode, _ANY)):
                 for graph in self._graphs.get(key, ()):
                     if accepts(graph, args, kwargs):
