@@ -22,6 +22,18 @@ if TYPE_CHECKING:
     from .model import IA3Model
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, as a plain tensor: a DTensor (FSDP2's sharded parameters) is gathered from
+    every rank, a collective that every rank must take part in."""
+    t = t.detach()
+    full = getattr(t, "full_tensor", None)  # torch.distributed.tensor.DTensor
+    return full() if callable(full) else t
+
+
+def _is_sharded(*modules: nn.Module) -> bool:
+    return any(callable(getattr(p, "full_tensor", None)) for m in modules for p in m.parameters())
+
+
 class AdapterFilesMixin:
     """PEFT-layout state dicts and adapter directories, both ways."""
 
@@ -37,12 +49,12 @@ class AdapterFilesMixin:
         return out
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The adapter's tensors keyed and shaped as in PEFT's ``adapter_model.safetensors``."""
+        """The adapter's tensors keyed and shaped as in PEFT's ``adapter_model.safetensors``.
+
+        Under FSDP2 the vectors are sharded DTensors: they are gathered into full tensors, so every
+        rank must call this (each gets the whole state)."""
         adapter = adapter_name or self.active_adapter
-        return {
-            k: t.detach().reshape(shape).clone()
-            for k, (t, shape) in self._expected_state(adapter).items()
-        }
+        return {k: _full(t).reshape(shape).clone() for k, (t, shape) in self._expected_state(adapter).items()}
 
     def _expected_shapes(self, selection: Selection) -> dict[str, tuple[int, ...]]:
         """The keys and shapes of an adapter's PEFT state dict, from its selection alone."""
@@ -157,9 +169,13 @@ class AdapterFilesMixin:
         """
         from .io import adapter_directory, save_adapter_files
 
-        if is_main_process is False:
+        # FSDP2: the tensors are gathered (every rank must call this) and rank 0 writes, unless told
+        sharded = _is_sharded(self.ia3_l, self.modules_to_save)
+        if is_main_process is False and not sharded:
             return
         trainer_copy = is_main_process is not None
+        if is_main_process is None:
+            is_main_process = not sharded or torch.distributed.get_rank() == 0
 
         if adapter_name is not None and selected_adapters is not None:
             raise ValueError("pass adapter_name or selected_adapters, not both")
@@ -173,16 +189,17 @@ class AdapterFilesMixin:
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; adapters: {list(self.ia3_l)}")
         for adapter in names:
+            tensors = self.adapter_state_dict(adapter)
             extra = {"model.safetensors": self._own_adapter_state(adapter)} if trainer_copy else None
-            save_adapter_files(
-                adapter_directory(save_directory, adapter), self._config_to_save(adapter),
-                self.adapter_state_dict(adapter), extra,
-            )
+            if is_main_process:
+                save_adapter_files(
+                    adapter_directory(save_directory, adapter), self._config_to_save(adapter), tensors, extra
+                )
 
     def _own_adapter_state(self, adapter: str) -> dict[str, torch.Tensor]:
         """The adapter's tensors under this model's state-dict names."""
         prefixes = (f"ia3_l.{adapter}.", f"modules_to_save.{adapter}.")
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(prefixes)}
+        return {k: _full(v).clone() for k, v in self.state_dict().items() if k.startswith(prefixes)}
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``; a state dict of adapter tensors only (what Trainer's

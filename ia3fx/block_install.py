@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter_store import Slot, _slot
+from .adapter_store import Slot, _key, _slot
 from .blocks import CAPTURE_LOCK, BlockGraph, BlockRunner, bypassing, capture, fingerprint
 from .errors import TraceError
 
@@ -81,27 +81,33 @@ class BlockInstallMixin:
         self._blocks_mode = False
         self._unloaded = True
 
-    def _refresh_live(self, live: list[dict[Slot, nn.Parameter]] | None = None) -> None:
-        """Which vectors each slot applies now, and which blocks have anything to apply."""
-        live = self._live_slots() if live is None else live
-        table: dict[Slot, list[nn.Parameter]] = {}
-        for slots in live:
-            for slot, vec in slots.items():
-                table.setdefault(slot, []).append(vec)
+    def _refresh_live(self) -> None:
+        """Which vectors each slot applies now, and which blocks have anything to apply.
+
+        The table holds ``(adapter, key)`` pairs, not parameters: :meth:`_live_value` reads
+        ``self.ia3_l[adapter][key]`` at call time, so that a wrapper that swaps the registered
+        parameters (FSDP2 unshards the root group's vectors for each forward) is honoured.
+        """
+        table: dict[Slot, list[tuple[str, str]]] = {}
+        if not self._disabled:
+            for adapter in self._active:
+                if adapter in self._merged:
+                    continue
+                for name, target in self._selections[adapter].targets.items():
+                    table.setdefault(_slot(target), []).append((adapter, _key(name)))
         self._live = table
         self._ones = {}
         names = {layer for layer, _ in table}
-        self._live_blocks = {
-            b for b in self._runners if any(n.startswith(b + ".") for n in names)
-        }
+        self._live_blocks = {b for b in self._runners if any(n.startswith(b + ".") for n in names)}
 
     def _live_value(self, layer: str, placement: str) -> torch.Tensor | None:
-        vecs = self._live.get((layer, placement))
-        if not vecs:
+        refs = self._live.get((layer, placement))
+        if not refs:
             return None
-        out = vecs[0]
-        for v in vecs[1:]:
-            out = out * v  # several active adapters multiply, as in PEFT; a fresh product per call
+        out = None
+        for adapter, key in refs:
+            vec = self.ia3_l[adapter][key]  # read now: FSDP2 swaps in the unsharded parameter
+            out = vec if out is None else out * vec  # several active adapters multiply, as in PEFT
         return out
 
     def _block_is_live(self, name: str) -> bool:

@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -275,6 +276,25 @@ def _lift(gm: GraphModule, block: nn.Module, slot_paths: dict[str, Slot]) -> tup
     return tensors, slots
 
 
+_HOOK_DICTS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+    "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+)
+
+
+@contextlib.contextmanager
+def _own_hooks_off(module: nn.Module) -> Iterator[None]:
+    """The module's own forward (pre-)hooks do not fire: it is being called already, they ran."""
+    saved = {name: getattr(module, name) for name in _HOOK_DICTS}
+    for name in _HOOK_DICTS:
+        setattr(module, name, OrderedDict())
+    try:
+        yield
+    finally:
+        for name, hooks in saved.items():
+            setattr(module, name, hooks)
+
+
 def capture(
     block: nn.Module,
     args: tuple,
@@ -309,7 +329,9 @@ def capture(
     try:
         if saved_ckpt:
             block.gradient_checkpointing = False  # checkpointing is the runner's, outside the graph
-        with warnings.catch_warnings(), _hidden_from_caller(), _quiet_export():
+        # export calls the block as a module: its hooks ran already for the call being served and must
+        # not run again (FSDP2's post-forward hook would reshard, freeing the parameters the graph reads)
+        with warnings.catch_warnings(), _hidden_from_caller(), _quiet_export(), _own_hooks_off(block):
             warnings.simplefilter("ignore")
             ep = torch.export.export(block, tuple(tensors), {}, strict=False, dynamic_shapes=shapes)
     except Exception as e:  # noqa: BLE001 - reported as one kind of failure

@@ -92,7 +92,7 @@ class IA3Model(AdapterStoreMixin, WholeGraphMixin, BlockInstallMixin, MergeMixin
         self._failed_groups: dict[Any, str] = {}
         self._scale_hooks = ScaleHooks(self._live_value)
         self._hooked: set[Slot] = set()
-        self._live: dict[Slot, list[nn.Parameter]] = {}
+        self._live: dict[Slot, list[tuple[str, str]]] = {}  # (adapter, vector key) per slot
         self._live_blocks: set[str] = set()
         self._ones: dict[Slot, torch.Tensor] = {}
         self._dispatched: list[nn.Module] = []

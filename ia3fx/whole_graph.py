@@ -130,7 +130,7 @@ class WholeGraphMixin:
         templates = self._all_slots()
         for graph in self._flat_graphs():
             self._bind(graph, live=live, templates=templates)
-        self._refresh_live(live)
+        self._refresh_live()
 
     def _install(self, graph: GraphModule, sites: list[CallSite] | None = None) -> None:
         """Insert every adapter's slots and modules_to_save redirects, then bind the state."""
