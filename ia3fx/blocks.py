@@ -133,7 +133,11 @@ def _autocast_state(device_type: str) -> tuple:
 def _dims(val: Any) -> tuple | None:
     if not isinstance(val, torch.Tensor):
         return None
-    return tuple(int(d) if isinstance(d, int) else d.node.expr for d in val.shape)
+    out = []
+    for d in val.shape:
+        expr = d if isinstance(d, int) else d.node.expr
+        out.append(int(expr) if isinstance(expr, int) or expr.is_number else expr)
+    return tuple(out)
 
 
 @dataclass
@@ -156,8 +160,19 @@ class BlockGraph:
     scaled: set[str] = field(default_factory=set)  # block-relative layers with a scale node
     training: bool = False  # the mode it was captured in (dropout is baked in)
 
+    _accepted: set[tuple] = field(default_factory=set, repr=False)  # shapes already checked
+
     def accepts(self, tensors: list[torch.Tensor]) -> bool:
         """Whether these tensor leaves fit the sizes the capture allows (static sizes, equal symbols)."""
+        shapes = tuple(t.shape for t in tensors)
+        if shapes in self._accepted:
+            return True
+        ok = self._check(tensors)
+        if ok and len(self._accepted) < 256:
+            self._accepted.add(shapes)
+        return ok
+
+    def _check(self, tensors: list[torch.Tensor]) -> bool:
         seen: dict[Any, int] = {}
         for t, want in zip(tensors, self.dims, strict=True):
             if want is None or t.dim() != len(want):
@@ -183,6 +198,29 @@ class BlockGraph:
 
 def _flatten(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
     return pytree.tree_flatten((args, dict(sorted(kwargs.items()))))
+
+
+_CONSTANT = (bool, int, float, str, type(None))
+
+
+def _describe_call(args: tuple, kwargs: dict) -> tuple[tuple, list[torch.Tensor]] | None:
+    """For calls made of tensors, tuples of tensors and plain constants (what transformers passes
+    its layers): a hashable description and the tensor leaves in :func:`_flatten`'s order; else
+    ``None`` (pytree then does it)."""
+    tensors: list[torch.Tensor] = []
+    parts: list[Any] = []
+    for name, value in (*((None, a) for a in args), *sorted(kwargs.items())):
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+            parts.append((name, value.dtype, value.dim(), value.device))
+        elif isinstance(value, _CONSTANT):
+            parts.append((name, "c", type(value), value))
+        elif type(value) in (tuple, list) and all(type(x) is torch.Tensor for x in value):
+            tensors.extend(value)
+            parts.append((name, type(value), tuple((x.dtype, x.dim(), x.device) for x in value)))
+        else:
+            return None
+    return ("fast", tuple(parts)), tensors
 
 
 # keywords transformers hands every layer through ``**kwargs`` that no layer code reads (the
@@ -436,12 +474,19 @@ def _tracing(args: tuple, kwargs: dict) -> bool:
     return False
 
 
+_CACHE_TYPES: tuple[type, ...] | None = None
+
+
 def _is_cache(value: Any) -> bool:
-    try:
-        from transformers.cache_utils import Cache
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(value, Cache)
+    global _CACHE_TYPES
+    if _CACHE_TYPES is None:
+        try:
+            from transformers.cache_utils import Cache
+        except ImportError:  # pragma: no cover
+            _CACHE_TYPES = ()
+        else:
+            _CACHE_TYPES = (Cache,)
+    return bool(_CACHE_TYPES) and isinstance(value, _CACHE_TYPES)
 
 
 class BlockRunner:
@@ -457,6 +502,8 @@ class BlockRunner:
         self.graph_calls = 0
         self.eager_calls = 0
         self._named: frozenset[str] | None = None
+        self._first_param: tuple[nn.Module, str] | None = None
+        self._inner = [m for m in block.modules() if m is not block]  # where hooks would be skipped
 
     def as_forward(self) -> Callable[..., Any]:
         """What to set as the block's ``forward``: a bound method (torch.export wants a function's
@@ -498,9 +545,7 @@ class BlockRunner:
         for value in (*args, *kwargs.values()):
             if _is_cache(value):
                 return True
-        for module in self.block.modules():
-            if module is self.block:
-                continue
+        for module in self._inner:
             for registry in (module._forward_hooks, module._forward_pre_hooks):
                 if registry and any(
                     not isinstance(h, ScaleHook) and getattr(h, "__name__", "") != "output_capturing_hook"
@@ -540,17 +585,15 @@ class BlockRunner:
     def _lookup(self, args: tuple, kwargs: dict) -> tuple[BlockGraph, list[torch.Tensor]] | None:
         """The graph for this call and its tensor inputs, captured first if new; ``None`` where
         the block must run its own forward."""
-        leaves, spec = _flatten(args, kwargs)
-        tensors = []
-        parts = []
-        for leaf in leaves:
-            if isinstance(leaf, torch.Tensor):
-                tensors.append(leaf)
-                parts.append((leaf.dtype, leaf.dim(), leaf.device))
-            else:
-                parts.append(leaf)
+        found = _describe_call(args, kwargs)  # the common case, without pytree: ~10x cheaper
+        if found is None:
+            leaves, spec = _flatten(args, kwargs)
+            tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+            shape = (spec, tuple((x.dtype, x.dim(), x.device) if isinstance(x, torch.Tensor) else x for x in leaves))
+        else:
+            shape, tensors = found
         try:
-            key = (self.group, spec, tuple(parts), self._param_state(), self.block.training,
+            key = (self.group, shape, self._param_state(), self.block.training,
                    _autocast_state(tensors[0].device.type if tensors else "cpu"))
             hash(key)
         except TypeError:  # an input that cannot key a cache (an object): run the block itself
@@ -559,9 +602,16 @@ class BlockRunner:
         return None if graph is None else (graph, tensors)
 
     def _param_state(self) -> tuple:
-        for p in self.block.parameters():
-            return (p.dtype, p.device)
-        return ()
+        """The dtype and device of the block's first parameter, read now (``.to()`` changes it)."""
+        first = self._first_param
+        if first is None:
+            name = next((n for n, _ in self.block.named_parameters()), None)
+            if name is None:
+                return ()
+            parent, _, attr = name.rpartition(".")
+            first = self._first_param = (self.block.get_submodule(parent) if parent else self.block, attr)
+        p = getattr(*first)
+        return (p.dtype, p.device)
 
     def _reader(self, graph: BlockGraph) -> list[Callable[[], torch.Tensor]]:
         readers = self._readers.get(id(graph))
