@@ -392,8 +392,12 @@ def test_merge_and_unload_bert_swaps_in_the_trained_classifier():
 def test_merge_and_unload_generates_and_saves(name, tmp_path):
     peft_model, ia3_model, _, _ = _build(name)
     ids = token_inputs(name, batch=2, seq=5)["input_ids"]
+    ia3_model.model.config.use_cache = peft_model.get_base_model().config.use_cache = True  # generate with a cache
+    ia3_model.graph_module  # noqa: B018 - tracing turns the cache off, for a while only
     out = ia3_model.merge_and_unload()
-    assert isinstance(out, PreTrainedModel) and out.config.use_cache  # tracing turned it off only for a while
+    assert isinstance(out, PreTrainedModel) and out.config.use_cache
+    assert not any("forward" in vars(m) for m in out.modules())  # the model's own forward everywhere
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in out.modules())  # no hooks of ours
     peft_merged = peft_model.merge_and_unload()
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
