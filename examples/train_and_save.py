@@ -3,8 +3,9 @@
     python examples/train_and_save.py
 
 1. adapt the built-in ``tiny-llama`` preset (random weights, no download) with PEFT's Llama
-   defaults (``k_proj``, ``v_proj`` scaled on their output, ``down_proj`` on its input), traced
-   with fixed sizes (``dynamic=False``), since every training batch has the same shape;
+   defaults (``k_proj``, ``v_proj`` scaled on their output, ``down_proj`` on its input); its
+   decoder layers are captured as one shared block graph with fixed sizes (``dynamic=False``),
+   since every training batch has the same shape;
 2. train only the vectors for a few dozen steps on a synthetic task (token sequences that count
    up modulo 16) and check that the loss goes down;
 3. ``save_pretrained`` to a temporary directory (``adapter_config.json`` +
@@ -51,10 +52,12 @@ def main() -> int:
     base = build_preset("tiny-llama")  # LlamaForCausalLM, random weights, eval mode
     model = copy.deepcopy(base).train()  # keep `base` untouched for the reload checks
 
-    # The first trace is made in the model's mode (train here); eval() later traces an eval graph.
-    # Every training batch is 8 x 24 tokens, so the trace can fix those sizes (dynamic=False): it
-    # is 2-3x faster than a trace with a dynamic batch and length, and a batch of another shape
-    # would simply be traced again.
+    # The model is adapted in place; its decoder layers are captured as a graph at the first call
+    # (in that call's mode: train here), one capture shared by both layers. Every training batch is
+    # 8 x 24 tokens, so the capture can fix those sizes (dynamic=False): it is several times faster
+    # than one with a dynamic batch and length, and a batch of another shape would simply be
+    # captured again. example_inputs is what the whole-model graph (drawing, repr, export) is
+    # traced with, on first use.
     ids = next(counting_batches(1))
     ia3 = ia3fx.get_ia3_model(
         model, ia3fx.IA3Config(), example_inputs={"input_ids": ids, "labels": ids}, dynamic=False
@@ -76,8 +79,11 @@ def main() -> int:
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     went_down = last < first - 0.05
     print(f"loss (mean of 5 steps) {first:.4f} -> {last:.4f}: {'went down' if went_down else 'did NOT go down'}")
-    one_graph = len(ia3.graph_modules) == 1
-    print(f"graphs captured while training: {len(ia3.graph_modules)} (every batch has the traced shape)")
+    one_graph = len(ia3.block_graphs) == 1 and ia3.block_graphs[0].training
+    print(
+        f"block graphs captured while training: {len(ia3.block_graphs)} "
+        "(shared by both decoder layers; every batch has the captured shape)"
+    )
 
     ia3.eval()
     probe = next(counting_batches(1, batch=2, seq=10, seed=2))

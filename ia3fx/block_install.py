@@ -33,6 +33,11 @@ class SavedModuleDispatch:
 class BlockInstallMixin:
     """Runners in place of the blocks' forward, the live vector table and the capture cache."""
 
+    def block_runs(self) -> dict[str, dict[str, int]]:
+        """Per installed block, how many calls ran its graph and how many its own forward (scaled
+        by hooks: a KV cache, inner hooks, tracing): which path the model took."""
+        return {name: {"graph": r.graph_calls, "eager": r.eager_calls} for name, r in self._runners.items()}
+
     @property
     def block_graphs(self) -> list[BlockGraph]:
         """Every block graph captured so far (shared by identical blocks; one per kind of call)."""
@@ -192,14 +197,26 @@ class BlockInstallMixin:
         if enable is not None and getattr(self.model, "_require_grads_hook", None) is None:
             enable()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
         """The base model's checkpointing, per block; the block graphs run inside each checkpoint.
 
         As PEFT, the input embeddings' output is made to require grad, which reentrant
         checkpointing needs when the base weights are frozen.
         """
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+        enable = getattr(self.model, "activation_checkpointing_enable", None)
+        if enable is not None:  # transformers >= 5.2x
+            enable(activation_checkpointing_kwargs, **kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
         self._inputs_require_grads()
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """transformers' older name of :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        disable = getattr(self.model, "activation_checkpointing_disable", None)
+        (disable or self.model.gradient_checkpointing_disable)()
+
     def gradient_checkpointing_disable(self) -> None:
-        self.model.gradient_checkpointing_disable()
+        self.activation_checkpointing_disable()

@@ -407,7 +407,7 @@ def capture(
     graph.lint()
     gm.recompile()
     return BlockGraph(
-        gm, lifted_tensors, lifted_slots, spec, out_spec, constants, dims, ranges, raw, scaled, block.training
+        gm, lifted_tensors, lifted_slots, spec, out_spec, constants, dims, ranges, sites, scaled, block.training
     )
 
 

@@ -30,6 +30,7 @@ TIMEOUT = 600
 # The lines that state each example's claim; an example not listed only has to exit 0.
 KEY_LINES = {
     "train_and_save.py": ["went down", "PEFT reload: max |logits diff|", "OK: trained, saved and reloaded"],
+    "train_with_trainer.py": ["OK: trained with Trainer, saved, reloaded and resumed"],
     "plan_targets.py": ["OK: all plans as expected"],
     "peft_parity.py": ["OK: ia3fx matches PEFT within 1e-05 on 4 models"],
     "custom_module.py": ["max |graph - eager reference| = 0.00e+00", "OK: every call site scaled as configured"],
