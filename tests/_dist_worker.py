@@ -36,21 +36,12 @@ torch.set_num_threads(1)  # tiny model on a 2-core machine: intra-op threads onl
 
 def build_ia3(device: torch.device | str = "cpu") -> Any:
     """The adapted tiny Llama (every call builds the same weights), in train mode, on ``device``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # torchrun runs this file as a script
+    from conftest import tiny_llama
 
     import ia3fx
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=128,
-    )
-    model = LlamaForCausalLM(config).to(device)
+    model = tiny_llama().to(device)  # the suite's tiny Llama (vocab VOCAB, seed 0)
     ia3 = ia3fx.get_ia3_model(model, ia3fx.IA3Config())  # k_proj, v_proj (output), down_proj (input)
     ia3.train()
     return ia3
