@@ -461,8 +461,10 @@ def _collector_wants_inner_outputs() -> bool:
 
 
 def _tracing(args: tuple, kwargs: dict) -> bool:
-    """Whether this call is being traced (dynamo, or export's fake tensors)."""
-    if torch.compiler.is_compiling():
+    """Whether this call is being traced (dynamo, or export's fake tensors). Not
+    ``torch.compiler.is_compiling()``: that flag is process-wide while any export runs, so another
+    thread's capture would send this thread's calls down the eager path."""
+    if torch.compiler.is_dynamo_compiling():
         return True
     from torch._subclasses.fake_tensor import FakeTensor
 
