@@ -184,6 +184,8 @@ class AdapterStoreMixin:
             self._active = [next(iter(self.ia3_l))]
         self._update_trainable()
         self._rebind_all()
+        if self._blocks_mode:
+            self._forget_block_graphs()  # their slots may name layers no adapter has any more
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

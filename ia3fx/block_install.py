@@ -38,6 +38,12 @@ class BlockInstallMixin:
         by hooks: a KV cache, inner hooks, tracing): which path the model took."""
         return {name: {"graph": r.graph_calls, "eager": r.eager_calls} for name, r in self._runners.items()}
 
+    def _forget_block_graphs(self) -> None:
+        """Drop every capture (after the set of adapted layers changed): the next calls recapture."""
+        with CAPTURE_LOCK:
+            self._block_cache.clear()
+            self._failed_groups.clear()
+
     @property
     def block_graphs(self) -> list[BlockGraph]:
         """Every block graph captured so far (shared by identical blocks; one per kind of call)."""

@@ -151,9 +151,7 @@ class WholeGraphMixin:
         if self._blocks_mode:
             self._hook_targets()
             self._dispatch_saved()
-            with CAPTURE_LOCK:
-                self._block_cache.clear()  # recaptured with the new slots at the next call
-                self._failed_groups.clear()
+            self._forget_block_graphs()  # recaptured with the new slots at the next call
         for graph in self._flat_graphs():
             info = graph.meta["ia3fx"]
             insert_scales(graph, info["raw_sites"], {s: v for s, v in slots.items() if s not in info["slots"]})

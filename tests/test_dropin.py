@@ -503,3 +503,28 @@ def test_identical_blocks_share_one_capture():
         other = token_inputs("llama", batch=3, seq=11, seed=5, mask=True)
         _assert_same(ia3(**other, use_cache=False), pm(**other, use_cache=False))
     assert _captures(ia3) == 1
+
+
+# --- 8. adapters added and deleted after captures ----------------------------------------------
+def test_adapters_added_and_deleted_after_a_capture_keep_the_graph_path():
+    """A new adapter on other layers, both active, then deleted: every call runs block graphs
+    (recaptured with the new set of layers) and equals PEFT doing the same."""
+    pm, ia3 = _pair("llama")
+    _set_mode(False, pm, ia3)
+    x = token_inputs("llama", seed=5)
+    with torch.no_grad():
+        first = ia3(**x, use_cache=False).logits
+        extra = {"target_modules": ["o_proj"], "feedforward_modules": [], "init_ia3_weights": False}
+        ia3.add_adapter("o", ia3fx.IA3Config(**extra))
+        pm.add_adapter("o", peft.IA3Config(**extra))
+        peft.set_peft_model_state_dict(pm, ia3.adapter_state_dict("o"), adapter_name="o")
+        ia3.set_adapter(["default", "o"])
+        pm.base_model.set_adapter(["default", "o"])
+        _assert_same(ia3(**x, use_cache=False), pm(**x, use_cache=False))
+        ia3.set_adapter("default")
+        pm.base_model.set_adapter("default")
+        ia3.delete_adapter("o")
+        pm.delete_adapter("o")
+        after = ia3(**x, use_cache=False).logits
+    assert torch.equal(after, first)
+    assert _calls(ia3) == (6, 0)  # three calls, two blocks, all through graphs
