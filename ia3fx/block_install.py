@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .adapter_store import Slot, _key, _slot
-from .blocks import CAPTURE_LOCK, BlockGraph, BlockRunner, bypassing, capture, fingerprint
+from .blocks import CAPTURE_LOCK, GATE, BlockGraph, BlockRunner, bypassing, capture, fingerprint
 from .errors import TraceError
 
 
@@ -166,7 +166,7 @@ class BlockInstallMixin:
         for graph in self._block_cache.get(key, ()):
             if graph.accepts(tensors):
                 return graph
-        with CAPTURE_LOCK:
+        with GATE.exclusive(), CAPTURE_LOCK:
             for graph in self._block_cache.get(key, ()):
                 if graph.accepts(tensors):
                     return graph

@@ -52,6 +52,62 @@ __all__ = [
 Slot = tuple[str, str]  # (layer name, "input" | "output")
 _state = threading.local()  # .bypass: blocks run their own forward and hooks do nothing
 CAPTURE_LOCK = threading.RLock()  # one capture at a time (graphs, once captured, run concurrently)
+
+
+class _Gate:
+    """Captures exclude running models: torch.export (non-strict) tracks module calls process-wide,
+    so another thread's eager module calls during an export break it ("Unexpected key ...").
+    ``running()`` is shared (taken by ``IA3Model.forward`` / ``generate``), ``exclusive()`` is the
+    capture's; a thread that needs a capture gives up its shared hold while it waits, so two
+    threads that both need one cannot deadlock."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer: int | None = None
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        depth = getattr(_state, "gate_depth", 0)
+        if depth == 0:
+            with self._cond:
+                while self._writer is not None:
+                    self._cond.wait()
+                self._readers += 1
+        _state.gate_depth = depth + 1
+        try:
+            yield
+        finally:
+            _state.gate_depth = depth
+            if depth == 0:
+                with self._cond:
+                    self._readers -= 1
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._writer == me:  # nested (a whole-model trace inside a capture's caller)
+            yield
+            return
+        holding = getattr(_state, "gate_depth", 0) > 0
+        with self._cond:
+            if holding:
+                self._readers -= 1
+            while self._writer is not None or self._readers > 0:
+                self._cond.wait()
+            self._writer = me
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = None
+                if holding:
+                    self._readers += 1
+                self._cond.notify_all()
+
+
+GATE = _Gate()
 _IGNORED_ATTRS = {"training", "layer_idx", "gradient_checkpointing"}
 
 

@@ -30,6 +30,7 @@ from .adapter_files import AdapterFilesMixin
 from .adapter_store import PEFT_PREFIX, AdapterStoreMixin, Slot
 from .block_install import BlockInstallMixin
 from .blocks import (
+    GATE,
     BlockGraph,
     BlockRunner,
     ScaleHooks,
@@ -145,7 +146,8 @@ class IA3Model(AdapterStoreMixin, WholeGraphMixin, BlockInstallMixin, MergeMixin
             # in training nothing reads a KV cache, and a cache sends every block down the eager path
             if self.training and "use_cache" not in kwargs and self._takes("use_cache"):
                 kwargs["use_cache"] = False
-            return self.model(*args, **kwargs)
+            with GATE.running():  # no other thread's capture runs meanwhile (see blocks._Gate)
+                return self.model(*args, **kwargs)
         graph = self._graph_for(args, kwargs)
         if self._product_slots:  # a fresh product each call, so gradients reach every adapter
             self._bind(graph, self._product_slots)
@@ -185,7 +187,8 @@ class IA3Model(AdapterStoreMixin, WholeGraphMixin, BlockInstallMixin, MergeMixin
         blocks, a GraphModule or an ExportedProgram has no cache: there it is refused.
         """
         if self._blocks_mode:
-            return self.model.generate(*args, **kwargs)
+            with GATE.running():
+                return self.model.generate(*args, **kwargs)
         raise NotImplementedError(
             "IA3Model.generate would silently run the base model without the adapter. Use "
             "model.merge_and_unload().generate(...) (or merge_adapter() and then "

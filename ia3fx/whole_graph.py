@@ -13,7 +13,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .adapter_store import Slot
-from .blocks import CAPTURE_LOCK
+from .blocks import CAPTURE_LOCK, GATE
 from .capture import _copy_graph, accepts, input_signature, normalize_inputs, trace
 from .passes import cleanup_graph, fold_scales, insert_scales, redirect_modules_to_save, slot_attr
 from .passes._graph import SAVED_ROOT, container, set_module, set_tensor
@@ -176,7 +176,8 @@ class WholeGraphMixin:
                 for graph in self._graphs.get(key, ()):
                     if accepts(graph, args, kwargs):
                         return graph
-            graph = trace(self.model, (args, kwargs) if (args or kwargs) else None, train=mode, dynamic=self._dynamic)
+            with GATE.exclusive():  # an export: no other thread may run a model meanwhile
+                graph = trace(self.model, (args, kwargs) if (args or kwargs) else None, train=mode, dynamic=self._dynamic)
             self._install(graph)
             self._graphs.setdefault(self._cache_key(graph, mode), []).append(graph)
             return graph
