@@ -22,11 +22,13 @@ existing ``path`` is only replaced with ``overwrite=True``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,6 +43,7 @@ from .passes._lazy import realize
 __all__ = ["FORMATS", "export", "exported_program", "merged_state_dict"]
 
 FORMATS = ("pt2", "onnx", "transformers")
+METADATA_KEY = "ia3fx.json"  # pt2 extra file / ONNX metadata entry: what swap_adapter reads
 
 # files a tokenizer (or processor) leaves in a model directory, copied along with the weights
 TOKENIZER_FILES = (
@@ -149,6 +152,13 @@ def merged_state_dict(model: IA3Model) -> dict[str, torch.Tensor]:
         for param, folded in model._merge_plan(pending, safe_merge=False):
             for key in names[id(param)]:
                 state[key] = folded
+    state.update(saved_copies_state(model))
+    return state
+
+
+def saved_copies_state(model: IA3Model) -> dict[str, torch.Tensor]:
+    """The tensors of the ``modules_to_save`` copies the model runs now, under the originals' keys."""
+    state = {}
     for module in model._all_saved():
         chosen = model._saved_value(module)
         for key, t in chosen.state_dict().items():
@@ -216,6 +226,28 @@ def _write_onnx(ep: torch.export.ExportedProgram, file: str, token_dims: bool) -
     program.save(file)
 
 
+def _write_onnx_with_past(ep: torch.export.ExportedProgram, file: str, meta: dict) -> None:
+    from .generation_export import io_names, onnx_axis_names
+
+    inputs, outputs = io_names(meta["num_layers"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        program = torch.onnx.export(ep, dynamo=True, verbose=False, input_names=inputs, output_names=outputs)
+    program.rename_axes(onnx_axis_names(program, meta["num_layers"]))
+    program.model.metadata_props[METADATA_KEY] = json.dumps(meta)
+    program.save(file)
+
+
+def _generation_program(
+    model: IA3Model, format: str, merged: bool, batch_size: int, max_cache_len: int | None
+) -> tuple[torch.export.ExportedProgram, dict]:
+    from .generation_export import past_key_values_program, static_cache_program
+
+    if format == "pt2":
+        return static_cache_program(model, merged=merged, batch_size=batch_size, max_cache_len=max_cache_len)
+    return past_key_values_program(model, merged=merged)
+
+
 # --- entry point ----------------------------------------------------------------------------------
 def export(
     model: IA3Model,
@@ -226,6 +258,10 @@ def export(
     example_inputs: Any = None,
     overwrite: bool = False,
     tokenizer: Any = None,
+    for_generation: bool = False,
+    batch_size: int = 1,
+    max_cache_len: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> str:
     """Write ``model`` to ``path`` as ``format`` (``"pt2"``, ``"onnx"`` or ``"transformers"``).
 
@@ -234,6 +270,13 @@ def export(
     ``example_inputs`` pick the graph to export (default: the inputs the model was captured with).
     ``tokenizer`` is saved into a transformers directory; without it, tokenizer files found in the
     base model's ``name_or_path`` directory are copied. Returns the absolute path written.
+
+    ``for_generation=True`` (a decoder-only transformers causal LM) exports a program with a KV
+    cache (see :mod:`ia3fx.generation_export`): pt2 in transformers' ExecuTorch form with a static
+    cache of ``batch_size`` x ``max_cache_len``, ONNX with past key values in Optimum's naming.
+    Unmerged, the vectors are named tensors of the artifact, which :func:`ia3fx.swap_adapter`
+    replaces. A transformers checkpoint generates as it is (the flag changes nothing there).
+    ``progress`` is called with the name of each stage as it starts.
 
     The model is not modified. The output appears only once complete; an existing ``path`` raises
     ``FileExistsError`` unless ``overwrite=True``, and is then replaced only by a complete new one.
@@ -247,6 +290,13 @@ def export(
             "a transformers checkpoint holds plain weights: export it with merged=True, or save the "
             "adapter itself with IA3Model.save_pretrained"
         )
+    if for_generation and example_inputs is not None and format != "transformers":
+        raise ValueError("for_generation=True builds its own inputs (a token, a cache position, past key values): drop example_inputs")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if max_cache_len is not None and (not isinstance(max_cache_len, int) or max_cache_len < 2):
+        raise ValueError(f"max_cache_len must be an int >= 2, got {max_cache_len!r}")
+    say = progress or (lambda stage: None)
     out = os.path.abspath(os.fspath(path))
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (ia3fx export --force) to replace it")
@@ -257,14 +307,25 @@ def export(
         if format == "transformers":
             staged = os.path.join(tmp, "checkpoint")
             os.mkdir(staged)  # not the private temporary directory itself: the usual permissions
+            say("fold the adapters and write the checkpoint")
             _write_transformers(model, staged, tokenizer)
             move_into_place(staged, out)
             return out
-        ep = exported_program(model, merged=merged, example_inputs=example_inputs)
+        say("export the graph" + (" with its KV cache" if for_generation else ""))
+        if for_generation:
+            ep, meta = _generation_program(model, format, merged, batch_size, max_cache_len)
+        else:
+            ep, meta = exported_program(model, merged=merged, example_inputs=example_inputs), None
         staged = os.path.join(tmp, os.path.basename(out))
         if format == "pt2":
-            torch.export.save(ep, staged)
+            say("write the pt2 archive")
+            extra = {METADATA_KEY: json.dumps(meta)} if meta is not None else None
+            torch.export.save(ep, staged, extra_files=extra)
+        elif meta is not None:
+            say("convert to ONNX")
+            _write_onnx_with_past(ep, staged, meta)
         else:
+            say("convert to ONNX")
             _write_onnx(ep, staged, token_dims=is_transformers_model(model.model))
         # ONNX models over 2 GB keep their tensors in a side file, which must be in place first
         for name in sorted(os.listdir(tmp)):
