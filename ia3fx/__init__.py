@@ -10,6 +10,7 @@ from .model import IA3Model, Plan, get_ia3_model, plan
 from .offline import merge_checkpoint as merge_checkpoint
 from .passes import insert_scales, redirect_modules_to_save
 from .sites import CallSite, find_call_sites
+from .swap import swap_adapter as swap_adapter
 from .viz import draw as draw
 
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import IA3Config
+from .errors import IA3Error
 from .presets import DEFAULT_PRESET, PRESETS, build_preset, model_from_config
 
 __all__ = ["main", "load_model", "config_from_args"]
@@ -264,10 +265,35 @@ def cmd_export(args: argparse.Namespace) -> int:
         ia3.load_adapter_state_dict(tensors)
     else:
         ia3 = get_ia3_model(model, config_from_args(args))
+    if args.for_generation and args.format == "transformers":
+        raise ValueError("--for-generation exports a program with a KV cache (pt2 or onnx); a transformers "
+                         "checkpoint generates with its own generate: drop --for-generation")
+    if not args.for_generation and (args.max_cache_len is not None or args.batch_size is not None):
+        raise ValueError("--max-cache-len and --batch-size size the static cache of --for-generation --format pt2")
+    if args.format == "onnx" and (args.max_cache_len is not None or args.batch_size is not None):
+        raise ValueError("the ONNX export for generation takes any batch and past length: drop --max-cache-len/--batch-size")
+    stages = ["export the graph" + (" with its KV cache" if args.for_generation else ""),
+              "write the pt2 archive" if args.format == "pt2" else "convert to ONNX"]
+    progress = _Progress("export", stages)
     t0 = time.perf_counter()
-    path = export(ia3, args.out, format=args.format, merged=not args.unmerged, overwrite=args.force)
+    try:
+        path = export(ia3, args.out, format=args.format, merged=not args.unmerged, overwrite=args.force,
+                      for_generation=args.for_generation, batch_size=args.batch_size or 1,
+                      max_cache_len=args.max_cache_len, progress=progress.step)
+    finally:
+        progress.close()
     how = "scale nodes kept" if args.unmerged else "merged"
-    print(f"wrote {path} ({args.format}, {how}, {len(ia3.targets)} adapted layers) in {time.perf_counter() - t0:.1f} s")
+    kind = ", for generation with a KV cache" if args.for_generation else ""
+    print(f"wrote {path} ({args.format}{kind}, {how}, {len(ia3.targets)} adapted layers) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_swap_adapter(args: argparse.Namespace) -> int:
+    from .swap import read_manifest, swap_adapter
+
+    path = swap_adapter(args.exported, args.adapter, args.out, overwrite=args.force)
+    n = len(read_manifest(path)["vectors"])
+    print(f"wrote {path}: {args.exported} with the {n} vectors of {args.adapter}")
     return 0
 
 
@@ -327,7 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--unmerged", action="store_true", help="keep the scale nodes, vectors as parameters (pt2, onnx)")
     x.add_argument("--force", "--overwrite", dest="force", action="store_true",
                    help="replace --out if it exists (once the new one is complete)")
+    x.add_argument("--for-generation", action="store_true",
+                   help="a program with a KV cache: pt2 with a static cache (ExecuTorch form), ONNX with past key values")
+    x.add_argument("--max-cache-len", type=int, help="positions of the pt2 static cache (default: the model's, at most 2048)")
+    x.add_argument("--batch-size", type=int, help="batch of the pt2 static cache (default 1)")
     x.set_defaults(func=cmd_export)
+    w = sub.add_parser("swap-adapter", help="write an exported program (unmerged, for generation) with another adapter")
+    w.add_argument("exported", help="a .pt2 or .onnx file from ia3fx export --for-generation --unmerged")
+    w.add_argument("adapter", help="PEFT IA3 adapter directory with the same target modules")
+    w.add_argument("--out", required=True, help="the file to write (same format)")
+    w.add_argument("--force", action="store_true", help="replace --out if it exists (once the new one is complete)")
+    w.set_defaults(func=cmd_swap_adapter)
     return parser
 
 
@@ -337,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*token_id.*")
             return args.func(args)
-    except (ValueError, OSError, RuntimeError, KeyError) as e:
+    except (ValueError, OSError, RuntimeError, KeyError, TypeError, NotImplementedError, IA3Error) as e:
         print(f"ia3fx {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
 

@@ -107,7 +107,7 @@ def greedy_onnx(
     names = [o.name for o in session.get_outputs()]
     tokens, done = ids, torch.zeros(batch, dtype=torch.bool)
     step_ids = ids
-    for step in range(max_new_tokens):
+    for _ in range(max_new_tokens):
         positions = mask.cumsum(-1) - 1
         positions = positions.masked_fill(mask == 0, 1)[:, -step_ids.shape[1]:]
         feeds = {"input_ids": step_ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy(), **past}

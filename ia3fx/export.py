@@ -232,8 +232,15 @@ def _write_onnx_with_past(ep: torch.export.ExportedProgram, file: str, meta: dic
     inputs, outputs = io_names(meta["num_layers"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        program = torch.onnx.export(ep, dynamo=True, verbose=False, input_names=inputs, output_names=outputs)
+        # unoptimised when it holds vectors: the optimiser drops a multiply by a vector of ones
+        # (a fresh adapter), and with it the initializer that swap_adapter replaces
+        program = torch.onnx.export(ep, dynamo=True, verbose=False, input_names=inputs, output_names=outputs,
+                                    optimize=meta["merged"])
     program.rename_axes(onnx_axis_names(program, meta["num_layers"]))
+    held = set(program.model.graph.initializers)
+    lost = [name for name in meta["vectors"] if name not in held]
+    if lost:
+        raise RuntimeError(f"the ONNX conversion dropped the vector {lost[0]!r} ({len(lost)} in all); please report this")
     program.model.metadata_props[METADATA_KEY] = json.dumps(meta)
     program.save(file)
 

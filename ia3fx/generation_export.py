@@ -32,10 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter_store import Slot
+from .adapter_store import PEFT_PREFIX, Slot
 from .blocks import CAPTURE_LOCK, GATE, _quiet_export
 from .capture import _training_mode
-from .adapter_store import PEFT_PREFIX
 
 __all__ = ["VECTOR_ROOT", "VectorTable", "static_cache_program", "past_key_values_program", "vector_manifest"]
 

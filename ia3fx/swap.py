@@ -1,0 +1,162 @@
+"""Swap the adapter inside an exported program, without exporting again.
+
+An unmerged export for generation holds each adapted site's vector as a named tensor
+(``ia3.<layer>.<input|output>``: a pt2 buffer, an ONNX initializer) and a manifest
+(``ia3fx.json``: pt2 extra file, ONNX metadata) with each vector's PEFT key and shape. Serving
+another adapter of the same targets is then a matter of replacing those tensors: the program,
+its cache and its weights are copied as they are.
+
+The new adapter must fit exactly: the same PEFT keys (a missing or extra key is named), the same
+shapes, finite values, no ``modules_to_save`` weights (those are weights of the program, not
+vectors). The output is written under a temporary name and renamed into place when complete;
+an existing output is replaced only with ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+
+from .errors import AdapterLoadError
+from .export import METADATA_KEY
+from .io import move_into_place, read_adapter_files
+
+__all__ = ["swap_adapter", "read_manifest"]
+
+
+def _format_of(path: str) -> str:
+    if path.endswith(".onnx"):
+        return "onnx"
+    if path.endswith(".pt2"):
+        return "pt2"
+    raise ValueError(f"cannot tell the format of {path!r}: an exported program ends in .pt2 or .onnx")
+
+
+def _load(path: str, fmt: str) -> tuple[Any, dict]:
+    if fmt == "pt2":
+        extra = {METADATA_KEY: ""}
+        program = torch.export.load(path, extra_files=extra)
+        text = extra[METADATA_KEY]
+    else:
+        import onnx
+
+        program = onnx.load(path)
+        text = next((p.value for p in program.metadata_props if p.key == METADATA_KEY), "")
+    if not text:
+        raise ValueError(
+            f"{path} was not written by ia3fx.export(..., for_generation=True): it has no {METADATA_KEY} manifest "
+            "naming its vectors. Export the model again with for_generation=True, merged=False"
+        )
+    return program, json.loads(text)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of an exported program: its form, whether merged, and its vectors."""
+    path = os.fspath(path)
+    return _load(path, _format_of(path))[1]
+
+
+def _new_vectors(manifest: dict, adapter_dir: str, path: str) -> dict[str, torch.Tensor]:
+    """The adapter's vectors under the program's tensor names, checked against the manifest."""
+    if manifest.get("merged"):
+        raise ValueError(
+            f"{path} was exported merged: the adapter is folded into its weights and cannot be swapped. "
+            "Export with merged=False (ia3fx export --unmerged) to swap adapters"
+        )
+    _config, tensors = read_adapter_files(adapter_dir)
+    vectors = manifest["vectors"]
+    by_key = {entry["peft_key"]: name for name, entry in vectors.items()}
+    extra = sorted(k for k in tensors if k not in by_key)
+    if extra:
+        what = "modules_to_save weights" if not extra[0].endswith(".ia3_l") else "a vector the program does not have"
+        raise AdapterLoadError(
+            f"{adapter_dir} holds {extra[0]!r} ({what}; {len(extra)} such key(s)): the program at {path} adapts "
+            f"{len(by_key)} layers and nothing else; export the model with this adapter instead"
+        )
+    missing = sorted(k for k in by_key if k not in tensors)
+    if missing:
+        raise AdapterLoadError(
+            f"{adapter_dir} has no {missing[0]!r} ({len(missing)} key(s) missing): the program at {path} scales that "
+            "layer; an adapter for the same target modules is needed"
+        )
+    out = {}
+    for key, name in by_key.items():
+        entry, t = vectors[name], tensors[key]
+        if list(t.shape) != entry["peft_shape"]:
+            raise AdapterLoadError(
+                f"{adapter_dir}: {key!r} has shape {tuple(t.shape)}, the program's vector takes "
+                f"{tuple(entry['peft_shape'])} ({entry['placement']} of {entry['layer']})"
+            )
+        if not t.is_floating_point():
+            raise AdapterLoadError(f"{adapter_dir}: {key!r} is {t.dtype}; (IA)³ vectors are floating point")
+        if not torch.isfinite(t).all():
+            raise AdapterLoadError(f"{adapter_dir}: {key!r} holds NaN or infinite values")
+        out[name] = t.reshape(entry["shape"]).to(getattr(torch, entry["dtype"])).contiguous()
+    return out
+
+
+def _write_pt2(program: torch.export.ExportedProgram, manifest: dict, vectors: dict, staged: str) -> None:
+    held = program.state_dict
+    for name, value in vectors.items():
+        old = held[name]
+        held[name] = value.to(old.device)
+    torch.export.save(program, staged, extra_files={METADATA_KEY: json.dumps(manifest)})
+
+
+def _write_onnx(model: Any, manifest: dict, vectors: dict, staged: str) -> None:
+    from onnx import numpy_helper
+
+    inits = {init.name: init for init in model.graph.initializer}
+    for name, value in vectors.items():
+        init = inits.get(name)
+        if init is None:
+            raise ValueError(f"the ONNX model has no initializer {name!r} although its manifest names it")
+        init.CopyFrom(numpy_helper.from_array(value.numpy(), name))
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            prop.value = json.dumps(manifest)
+    import onnx
+
+    large = model.ByteSize() > 2**31 - 2**26
+    onnx.save(model, staged, save_as_external_data=large, location=os.path.basename(staged) + ".data")
+
+
+def swap_adapter(
+    exported_path: str | os.PathLike, adapter_dir: str | os.PathLike, out_path: str | os.PathLike, *, overwrite: bool = False
+) -> str:
+    """Write ``exported_path`` (pt2 or ONNX, unmerged, for generation) to ``out_path`` with the
+    vectors of the PEFT IA3 adapter in ``adapter_dir``. Returns the absolute path written.
+
+    Raises :class:`~ia3fx.AdapterLoadError` naming the key when the adapter does not fit the
+    program's vectors, and ``FileExistsError`` for an existing ``out_path`` without ``overwrite``.
+    """
+    src = os.path.abspath(os.fspath(exported_path))
+    out = os.path.abspath(os.fspath(out_path))
+    fmt = _format_of(src)
+    if _format_of(out) != fmt:
+        raise ValueError(f"{out} would change the format: write a .{fmt} file")
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"{src} is not a file")
+    if os.path.lexists(out) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (ia3fx swap-adapter --force) to replace it")
+    program, manifest = _load(src, fmt)
+    vectors = _new_vectors(manifest, os.fspath(adapter_dir), src)
+    manifest = {**manifest, "adapters": [os.path.basename(os.path.normpath(os.fspath(adapter_dir)))]}
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        staged = os.path.join(tmp, os.path.basename(out))
+        (_write_pt2 if fmt == "pt2" else _write_onnx)(program, manifest, vectors, staged)
+        for name in sorted(os.listdir(tmp)):  # an ONNX side file goes first
+            if name != os.path.basename(out):
+                move_into_place(os.path.join(tmp, name), os.path.join(parent, name))
+        move_into_place(staged, out)
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
