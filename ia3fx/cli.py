@@ -97,23 +97,48 @@ def _demo_batches(vocab: int, steps: int, batch: int, seq: int) -> list[torch.Te
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """The pipeline on a built-in model: adapt, train, draw, generate, merge, export, check."""
     from .model import get_ia3_model
 
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
     torch.manual_seed(0)
     model = build_preset(args.preset)
     if not hasattr(model, "lm_head"):
         raise ValueError(f"the demo trains a causal LM; preset {args.preset!r} is not one (try tiny-llama or tiny-gpt2)")
-    config = IA3Config()
-    print(f"base model: preset {args.preset} ({type(model).__name__}, "
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    print(f"1. base model: preset {args.preset} ({type(model).__name__}, "
           f"{sum(p.numel() for p in model.parameters()):,d} parameters, random weights)")
     batches = _demo_batches(model.config.vocab_size, args.steps, batch=8, seq=32)
     t0 = time.perf_counter()
-    ia3 = get_ia3_model(model, config, example_inputs={"input_ids": batches[0], "labels": batches[0]})
-    print(f"traced and rewritten in {time.perf_counter() - t0:.2f} s: "
-          f"{sum(s.targeted for s in ia3.call_sites)} of {len(ia3.call_sites)} linear call sites scaled")
+    ia3 = get_ia3_model(model, IA3Config())
+    print(f"2. adapted in {time.perf_counter() - t0:.2f} s: {len(ia3.targets)} layers "
+          f"({', '.join(sorted({n.rsplit('.', 1)[-1] for n in ia3.targets}))}); ", end="")
     ia3.print_trainable_parameters()
+    losses = _demo_train(ia3, batches, args.lr)
+    print(f"   loss {losses[0]:.4f} -> {losses[-1]:.4f} ({'down' if losses[-1] < losses[0] else 'NOT down'})")
+    ia3.eval()
+    ia3.save_pretrained(out)
+    print(f"3. adapter (PEFT format): {os.path.join(out, 'adapter_config.json')}, adapter_model.safetensors")
+    print(f"4. adapted graph: {_demo_draw(ia3, out)}")
+    prompt = batches[0][:1, :8]
+    greedy = dict(max_new_tokens=16, do_sample=False, attention_mask=torch.ones_like(prompt), pad_token_id=0)
+    adapted = ia3.generate(prompt, **greedy)  # the mask: token 0 is a real token here, not padding
+    with ia3.disable_adapter():
+        base = ia3.generate(prompt, **greedy)
+    print(f"5. generate, prompt {prompt[0].tolist()}:\n   adapted {adapted[0, 8:].tolist()}\n"
+          f"   base    {base[0, 8:].tolist()}")
+    same = _demo_export(ia3, out, prompt, adapted)
+    ok = losses[-1] < losses[0] and same
+    print("OK: adapted, trained, drawn, generated, merged and exported; the export generates the adapted "
+          "model's tokens" if ok else "FAILED: see above")
+    return 0 if ok else 1
+
+
+def _demo_train(ia3: nn.Module, batches: list[torch.Tensor], lr: float) -> list[float]:
     ia3.train()
-    opt = torch.optim.AdamW([p for p in ia3.parameters() if p.requires_grad], lr=args.lr)
+    opt = torch.optim.AdamW([p for p in ia3.parameters() if p.requires_grad], lr=lr)
     losses = []
     for step, ids in enumerate(batches):
         loss = ia3(input_ids=ids, labels=ids).loss
@@ -121,13 +146,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-        if step % max(1, len(batches) // 5) == 0 or step == len(batches) - 1:
-            print(f"step {step:3d}  loss {loss.item():.4f}")
-    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} ({'down' if losses[-1] < losses[0] else 'NOT down'})")
-    ia3.eval()
-    ia3.save_pretrained(args.out)
-    print(f"adapter saved in PEFT format to {args.out}/ (adapter_config.json, adapter_model.safetensors)")
-    return 0 if losses[-1] < losses[0] else 1
+        if step % max(1, len(batches) // 4) == 0 or step == len(batches) - 1:
+            print(f"   train step {step:3d}  loss {loss.item():.4f}")
+    return losses
+
+
+def _demo_draw(ia3: nn.Module, out: str) -> str:
+    import shutil
+
+    from .viz import draw
+
+    path = os.path.join(out, "adapted-graph.svg" if shutil.which("dot") else "adapted-graph.dot")
+    draw(ia3, path)
+    return path + ("" if path.endswith(".svg") else " (Graphviz's dot is not installed: the DOT source)")
+
+
+def _demo_export(ia3: nn.Module, out: str, prompt: torch.Tensor, adapted: torch.Tensor) -> bool:
+    from transformers.utils import logging as hf_logging
+
+    from .decode import greedy_pt2
+    from .export import export
+
+    hf_logging.disable_progress_bar()  # one line per step, not a bar for a single small shard
+    merged_dir = export(ia3, os.path.join(out, "merged-checkpoint"), "transformers", overwrite=True)
+    print(f"6. merged transformers checkpoint (adapter folded into the weights): {merged_dir}")
+    t0 = time.perf_counter()
+    path = export(ia3, os.path.join(out, "generate-merged.pt2"), "pt2", for_generation=True,
+                  max_cache_len=adapted.shape[1], overwrite=True)
+    print(f"7. exported for generation (pt2, static KV cache, merged) in {time.perf_counter() - t0:.1f} s: {path}")
+    tokens = greedy_pt2(torch.export.load(path), prompt, adapted.shape[1] - prompt.shape[1])
+    same = torch.equal(tokens, adapted)
+    print(f"8. check: the exported program's greedy tokens {'equal' if same else 'DIFFER from'} the adapted "
+          f"model's generate ({tokens.shape[1] - prompt.shape[1]} tokens)")
+    return same
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -304,11 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=f"preset ({', '.join(PRESETS)}), transformers directory, or config .json")
     _add_adapter_flags(p)
     p.set_defaults(func=cmd_plan)
-    d = sub.add_parser("demo", help="train (IA)³ vectors on a built-in tiny model and save the adapter")
+    d = sub.add_parser("demo", help="the whole pipeline on a built-in tiny model: adapt, train, draw, generate, merge, export")
     d.add_argument("--preset", default=DEFAULT_PRESET, choices=("tiny-llama", "tiny-gpt2"))
     d.add_argument("--steps", type=int, default=40)
     d.add_argument("--lr", type=float, default=0.05)
-    d.add_argument("--out", default="ia3fx-demo-out", help="directory for the adapter files")
+    d.add_argument("--out", default="ia3fx-demo-out",
+                   help="directory for the adapter, the graph, the merged checkpoint and the export (its files are replaced)")
     d.set_defaults(func=cmd_demo)
     m = sub.add_parser("merge", help="merge a PEFT IA3 adapter into a safetensors checkpoint on disk, offline")
     m.add_argument("--base", required=True, help="transformers model directory (config.json + safetensors)")
