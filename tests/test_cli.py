@@ -160,3 +160,30 @@ def test_report_text_and_json(capsys, llama_config_json):
     assert [b["vectors"] for b in data["blocks"]] == [2, 3, 3]
     code, _, err = run(capsys, "report", "tiny-llama", "--target-modules", "nothing_here")
     assert code == 2 and "not found" in one_error_line(err, "report")
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, _ = run(capsys, "demo", "--steps", "6", "--out", str(out))
+    assert code == 0, stdout
+    assert stdout.rstrip().splitlines()[-1].startswith("OK: adapted, trained, drawn, generated, merged and exported")
+    assert "greedy tokens equal the adapted model's generate" in stdout
+    for name in ("adapter_config.json", "adapter_model.safetensors", "merged-checkpoint/config.json",
+                 "generate-merged.pt2", "adapted-graph.svg" if HAS_DOT else "adapted-graph.dot"):
+        assert (out / name).is_file(), name
+    # the adapter changed what the model generates, and the pt2 program generates the adapted tokens
+    lines = stdout.splitlines()
+    adapted = next(ln for ln in lines if ln.strip().startswith("adapted ["))
+    base = next(ln for ln in lines if ln.strip().startswith("base    ["))
+    assert adapted.split("[", 1)[1] != base.split("[", 1)[1]
+    from ia3fx.decode import greedy_pt2
+
+    tokens = greedy_pt2(torch.export.load(str(out / "generate-merged.pt2")), torch.tensor([[12, 13, 14, 15, 0, 1, 2, 3]]), 16)
+    assert str(tokens[0, 8:].tolist()) in adapted
+
+
+def test_demo_refuses_zero_steps(tmp_path, capsys):
+    code, _, err = run(capsys, "demo", "--steps", "0", "--out", str(tmp_path / "d"))
+    assert code == 2
+    assert "--steps must be at least 1" in one_error_line(err, "demo")
+    assert not (tmp_path / "d").exists()
