@@ -39,11 +39,15 @@ def _finish(tokens: torch.Tensor, done: torch.Tensor, next_tokens: torch.Tensor,
 def greedy_pt2(
     program: Any, input_ids: Any, max_new_tokens: int, *, eos_token_id: int | None = None, pad_token_id: int | None = None
 ) -> torch.Tensor:
-    """Greedy tokens from a static-cache pt2 program (an ``ExportedProgram``, or its ``.module()``).
+    """Greedy tokens from a static-cache pt2 program (a path, an ``ExportedProgram``, or its ``.module()``).
 
     The batch size is the exported one; prompts are not padded (the static form takes no mask).
     The prompt plus ``max_new_tokens`` must fit the exported cache.
     """
+    if isinstance(program, (str, os.PathLike)):  # a .pt2 file or an export directory
+        from .swap import program_file
+
+        program = torch.export.load(program_file(os.fspath(program)))
     module = program.module() if isinstance(program, torch.export.ExportedProgram) else program
     ids = _check_ids(input_ids)
     cache_len = next((b.shape[2] for n, b in module.named_buffers() if n.startswith("key_cache")), None)
@@ -72,7 +76,9 @@ def _session(program: Any) -> Any:
     if isinstance(program, (str, os.PathLike)):
         import onnxruntime
 
-        return onnxruntime.InferenceSession(os.fspath(program), providers=["CPUExecutionProvider"])
+        from .swap import program_file
+
+        return onnxruntime.InferenceSession(program_file(os.fspath(program)), providers=["CPUExecutionProvider"])
     return program
 
 

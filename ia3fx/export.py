@@ -282,7 +282,9 @@ def export(
     cache (see :mod:`ia3fx.generation_export`): pt2 in transformers' ExecuTorch form with a static
     cache of ``batch_size`` x ``max_cache_len``, ONNX with past key values in Optimum's naming.
     Unmerged, the vectors are named tensors of the artifact, which :func:`ia3fx.swap_adapter`
-    replaces. A transformers checkpoint generates as it is (the flag changes nothing there).
+    replaces. A ``path`` that does not end in ``.pt2`` / ``.onnx`` is a directory: ``model.pt2`` or
+    ``model.onnx`` with ``config.json``, ``generation_config.json`` and the tokenizer files. A
+    transformers checkpoint generates as it is (the flag changes nothing there).
     ``progress`` is called with the name of each stage as it starts.
 
     The model is not modified. The output appears only once complete; an existing ``path`` raises
@@ -323,17 +325,17 @@ def export(
             ep, meta = _generation_program(model, format, merged, batch_size, max_cache_len)
         else:
             ep, meta = exported_program(model, merged=merged, example_inputs=example_inputs), None
+        if for_generation and not out.endswith(f".{format}"):
+            # a deployment directory: the program, the config and generation config, the tokenizer
+            staged = os.path.join(tmp, "export")
+            os.mkdir(staged)
+            _write_program(ep, meta, format, os.path.join(staged, f"model.{format}"), say, model)
+            say("write the config and tokenizer files")
+            _write_model_files(model, staged, tokenizer)
+            move_into_place(staged, out)
+            return out
         staged = os.path.join(tmp, os.path.basename(out))
-        if format == "pt2":
-            say("write the pt2 archive")
-            extra = {METADATA_KEY: json.dumps(meta)} if meta is not None else None
-            torch.export.save(ep, staged, extra_files=extra)
-        elif meta is not None:
-            say("convert to ONNX")
-            _write_onnx_with_past(ep, staged, meta)
-        else:
-            say("convert to ONNX")
-            _write_onnx(ep, staged, token_dims=is_transformers_model(model.model))
+        _write_program(ep, meta, format, staged, say, model)
         # ONNX models over 2 GB keep their tensors in a side file, which must be in place first
         for name in sorted(os.listdir(tmp)):
             if name == os.path.basename(out):
@@ -347,3 +349,30 @@ def export(
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_program(ep: torch.export.ExportedProgram, meta: dict | None, format: str, file: str,
+                   say: Callable[[str], None], model: IA3Model) -> None:
+    if format == "pt2":
+        say("write the pt2 archive")
+        extra = {METADATA_KEY: json.dumps(meta)} if meta is not None else None
+        torch.export.save(ep, file, extra_files=extra)
+    elif meta is not None:
+        say("convert to ONNX")
+        _write_onnx_with_past(ep, file, meta)
+    else:
+        say("convert to ONNX")
+        _write_onnx(ep, file, token_dims=is_transformers_model(model.model))
+
+
+def _write_model_files(model: IA3Model, directory: str, tokenizer: Any) -> None:
+    """What a decode loop reads beside the program: ``config.json``, ``generation_config.json``,
+    the tokenizer (saved, or its files copied from the base model's directory)."""
+    base = model.model
+    base.config.save_pretrained(directory)
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    else:
+        _copy_tokenizer_files(getattr(base, "name_or_path", "") or "", directory)

@@ -26,7 +26,19 @@ from .errors import AdapterLoadError
 from .export import METADATA_KEY
 from .io import move_into_place, read_adapter_files
 
-__all__ = ["swap_adapter", "read_manifest"]
+__all__ = ["swap_adapter", "read_manifest", "program_file"]
+
+
+def program_file(path: str) -> str:
+    """The program in ``path``: the file itself, or an export directory's ``model.pt2`` / ``model.onnx``."""
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is neither an exported program nor an export directory")
+        return path
+    found = [os.path.join(path, n) for n in ("model.pt2", "model.onnx") if os.path.isfile(os.path.join(path, n))]
+    if len(found) != 1:
+        raise FileNotFoundError(f"{path} holds {'no' if not found else 'both'} model.pt2 / model.onnx: not an export directory")
+    return found[0]
 
 
 def _format_of(path: str) -> str:
@@ -57,7 +69,7 @@ def _load(path: str, fmt: str) -> tuple[Any, dict]:
 
 def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest of an exported program: its form, whether merged, and its vectors."""
-    path = os.fspath(path)
+    path = program_file(os.fspath(path))
     return _load(path, _format_of(path))[1]
 
 
@@ -137,20 +149,31 @@ def swap_adapter(
     """
     src = os.path.abspath(os.fspath(exported_path))
     out = os.path.abspath(os.fspath(out_path))
-    fmt = _format_of(src)
-    if _format_of(out) != fmt:
+    directory = os.path.isdir(src)  # an export directory: model.<pt2|onnx> and the model's files
+    src_file = program_file(src)
+    fmt = _format_of(src_file)
+    if directory and os.path.splitext(out)[1] in (".pt2", ".onnx"):
+        raise ValueError(f"{src} is an export directory: write another directory, not {os.path.basename(out)}")
+    if not directory and _format_of(out) != fmt:
         raise ValueError(f"{out} would change the format: write a .{fmt} file")
-    if not os.path.isfile(src):
-        raise FileNotFoundError(f"{src} is not a file")
+    if os.path.realpath(out) == os.path.realpath(src):
+        raise ValueError(f"{out} is the program being read: write the swapped program somewhere else")
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (ia3fx swap-adapter --force) to replace it")
-    program, manifest = _load(src, fmt)
+    program, manifest = _load(src_file, fmt)
     vectors = _new_vectors(manifest, os.fspath(adapter_dir), src)
     manifest = {**manifest, "adapters": [os.path.basename(os.path.normpath(os.fspath(adapter_dir)))]}
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
     try:
+        if directory:
+            staged = os.path.join(tmp, "export")
+            shutil.copytree(src, staged, ignore=shutil.ignore_patterns(os.path.basename(src_file), "*.data"))
+            (_write_pt2 if fmt == "pt2" else _write_onnx)(program, manifest, vectors,
+                                                          os.path.join(staged, os.path.basename(src_file)))
+            move_into_place(staged, out)
+            return out
         staged = os.path.join(tmp, os.path.basename(out))
         (_write_pt2 if fmt == "pt2" else _write_onnx)(program, manifest, vectors, staged)
         for name in sorted(os.listdir(tmp)):  # an ONNX side file goes first
