@@ -115,9 +115,10 @@ class BlockInstallMixin:
         refs = self._live.get((layer, placement))
         if not refs:
             return None
-        out = None
+        stores = self._modules["ia3_l"]._modules  # the registered parameters, read now: FSDP2
+        out = None  # swaps in the unsharded ones for each forward
         for adapter, key in refs:
-            vec = self.ia3_l[adapter][key]  # read now: FSDP2 swaps in the unsharded parameter
+            vec = stores[adapter]._parameters[key]
             out = vec if out is None else out * vec  # several active adapters multiply, as in PEFT
         return out
 

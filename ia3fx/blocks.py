@@ -476,15 +476,21 @@ class ScaleHook:
         self.hooks, self.name, self.placement = hooks, name, placement
 
     def __call__(self, module: nn.Module, inputs: tuple, *output: torch.Tensor) -> Any:
-        v = None if _bypass() else self.hooks.value(self.name, self.placement)
+        # runs once per adapted layer per decode step: kept to the arithmetic (no needless casts)
+        if getattr(_state, "bypass", False):
+            return None
+        v = self.hooks.value(self.name, self.placement)
         if v is None:
             return None
-        if self.placement == "output":
+        if output:
             out = output[0]
-            return (out * v).to(out.dtype)
+            y = out * v
+            return y if y.dtype == out.dtype else y.to(out.dtype)
         if not inputs:
             return None
         x = inputs[0]
+        if x.dtype == v.dtype:
+            return (x * v, *inputs[1:])
         return ((x.to(v.dtype) * v).to(x.dtype), *inputs[1:])
 
 
@@ -522,12 +528,9 @@ def _tracing(args: tuple, kwargs: dict) -> bool:
     thread's capture would send this thread's calls down the eager path."""
     if torch.compiler.is_dynamo_compiling():
         return True
-    from torch._subclasses.fake_tensor import FakeTensor
-
     for value in (*args, *kwargs.values()):
-        if isinstance(value, FakeTensor) or (
-            isinstance(value, torch.Tensor) and type(value) is not torch.Tensor and not isinstance(value, nn.Parameter)
-        ):
+        # a fake tensor, or any other tensor subclass (functional tensors of a trace)
+        if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor and not isinstance(value, nn.Parameter):
             return True
     return False
 
