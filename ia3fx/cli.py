@@ -305,6 +305,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .io import read_adapter_files
     from .model import get_ia3_model
 
+    if args.for_generation and args.format == "transformers":
+        raise ValueError("--for-generation exports a program with a KV cache (pt2 or onnx); a transformers "
+                         "checkpoint generates with its own generate: drop --for-generation")
+    if not args.for_generation and (args.max_cache_len is not None or args.batch_size is not None):
+        raise ValueError("--max-cache-len and --batch-size size the static cache of --for-generation --format pt2")
+    if args.format == "onnx" and (args.max_cache_len is not None or args.batch_size is not None):
+        raise ValueError("the ONNX export for generation takes any batch and past length: drop --max-cache-len/--batch-size")
     flags = ("config", "target_modules", "feedforward_modules", "exclude_modules", "modules_to_save", "task_type")
     given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
     if args.adapter and given:
@@ -316,13 +323,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         ia3.load_adapter_state_dict(tensors)
     else:
         ia3 = get_ia3_model(model, config_from_args(args))
-    if args.for_generation and args.format == "transformers":
-        raise ValueError("--for-generation exports a program with a KV cache (pt2 or onnx); a transformers "
-                         "checkpoint generates with its own generate: drop --for-generation")
-    if not args.for_generation and (args.max_cache_len is not None or args.batch_size is not None):
-        raise ValueError("--max-cache-len and --batch-size size the static cache of --for-generation --format pt2")
-    if args.format == "onnx" and (args.max_cache_len is not None or args.batch_size is not None):
-        raise ValueError("the ONNX export for generation takes any batch and past length: drop --max-cache-len/--batch-size")
     stages = ["export the graph" + (" with its KV cache" if args.for_generation else ""),
               "write the pt2 archive" if args.format == "pt2" else "convert to ONNX"]
     progress = _Progress("export", stages)

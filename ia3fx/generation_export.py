@@ -36,9 +36,9 @@ from .adapter_store import PEFT_PREFIX, Slot
 from .blocks import CAPTURE_LOCK, GATE, _quiet_export
 from .capture import _training_mode
 
-__all__ = ["VECTOR_ROOT", "VectorTable", "static_cache_program", "past_key_values_program", "vector_manifest"]
+__all__ = ["EXPORTED_VECTORS", "VectorTable", "static_cache_program", "past_key_values_program", "vector_manifest"]
 
-VECTOR_ROOT = "ia3"  # the exported module's attribute holding the vectors
+EXPORTED_VECTORS = "ia3"  # the exported module's attribute holding the vectors
 
 
 class VectorTable(nn.Module):
@@ -85,7 +85,7 @@ def vector_manifest(ia3: Any, table: VectorTable) -> dict[str, dict[str, Any]]:
     out = {}
     for layer, placement in table.slots:
         vec = table.value(layer, placement)
-        out[f"{VECTOR_ROOT}.{layer}.{placement}"] = {
+        out[f"{EXPORTED_VECTORS}.{layer}.{placement}"] = {
             "layer": layer,
             "placement": placement,
             "peft_key": f"{PEFT_PREFIX}{layer}.ia3_l",
@@ -179,7 +179,7 @@ def static_cache_program(
         base.generation_config = saved
     table, stack = _exporting(ia3, merged)
     if table is not None:
-        setattr(module, VECTOR_ROOT, table)
+        setattr(module, EXPORTED_VECTORS, table)
     device = next(base.parameters()).device
     inputs = {
         "input_ids": torch.zeros((batch_size, 1), dtype=torch.long, device=device),
@@ -248,7 +248,7 @@ def past_key_values_program(ia3: Any, *, merged: bool) -> tuple[torch.export.Exp
     module = DecoderWithPast(base, num_layers, _takes(base, "position_ids"))
     table, stack = _exporting(ia3, merged)
     if table is not None:
-        setattr(module, VECTOR_ROOT, table)
+        setattr(module, EXPORTED_VECTORS, table)
     param = next(base.parameters())
     batch, seq, past_len = 2, 3, 4  # >= 2 each: no size specialised in the program
     ids = torch.ones((batch, seq), dtype=torch.long, device=param.device)
@@ -289,6 +289,8 @@ def _metadata(ia3: Any, table: VectorTable | None, merged: bool, form: str, **ex
         "adapters": [a for a in ia3.active_adapters if not ia3._disabled],
         "model_type": getattr(ia3.model.config, "model_type", None),
         "vectors": {} if table is None else vector_manifest(ia3, table),
+        # trained copies in the program's weights: another adapter cannot be swapped in
+        "modules_to_save": [] if merged else sorted(ia3._all_saved()),
         **extra,
     }
 

@@ -80,8 +80,19 @@ def _new_vectors(manifest: dict, adapter_dir: str, path: str) -> dict[str, torch
             f"{path} was exported merged: the adapter is folded into its weights and cannot be swapped. "
             "Export with merged=False (ia3fx export --unmerged) to swap adapters"
         )
-    _config, tensors = read_adapter_files(adapter_dir)
+    saved = manifest.get("modules_to_save") or []
+    if saved:
+        raise ValueError(
+            f"{path} holds the trained copies of modules_to_save {saved[:3]} in its weights: swapping in another "
+            "adapter would keep them. Export the model with the other adapter instead"
+        )
     vectors = manifest["vectors"]
+    if not vectors:
+        raise ValueError(
+            f"{path} holds no vectors (its adapters were merged into the weights or disabled when it was exported): "
+            "export with merged=False from a model whose adapters are active and unmerged"
+        )
+    _config, tensors = read_adapter_files(adapter_dir)
     by_key = {entry["peft_key"]: name for name, entry in vectors.items()}
     extra = sorted(k for k in tensors if k not in by_key)
     if extra:
