@@ -329,7 +329,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         path = export(ia3, args.out, format=args.format, merged=not args.unmerged, overwrite=args.force,
-                      for_generation=args.for_generation, batch_size=args.batch_size or 1,
+                      for_generation=args.for_generation, batch_size=1 if args.batch_size is None else args.batch_size,
                       max_cache_len=args.max_cache_len, progress=progress.step)
     finally:
         progress.close()

@@ -5,8 +5,9 @@ take the most likely token, feed it back with the cache, stop at ``max_new_token
 row has produced ``eos_token_id``. They give the tokens ``model.generate(do_sample=False)`` gives.
 
 * :func:`greedy_pt2`: the static-cache program (``torch.export.load(path)``), one token per call.
-  Its cache lives in the program's buffers, so the module is built once per loop
-  (``ep.module()`` again would start from an empty cache).
+  Its cache lives in the loaded program's buffers (shared by every ``ep.module()`` of it): one
+  decode at a time per loaded program; load it once per concurrent decode. The module is built
+  once per loop (building it costs far more than a decode step).
 * :func:`greedy_onnx`: the decoder with past key values in onnxruntime, the whole prompt in the
   first call (with an empty past), left-padded batches through ``attention_mask``.
 """

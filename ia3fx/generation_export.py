@@ -172,20 +172,20 @@ def static_cache_program(
     generation_config.use_cache = True
     generation_config.cache_implementation = "static"
     generation_config.cache_config = {"batch_size": batch_size, "max_cache_len": max_cache_len}
-    saved, base.generation_config = base.generation_config, generation_config
-    try:
-        module = TorchExportableModuleWithStaticCache(base, batch_size=batch_size, max_cache_len=max_cache_len)
-    finally:
-        base.generation_config = saved
     table, stack = _exporting(ia3, merged)
-    if table is not None:
-        setattr(module, EXPORTED_VECTORS, table)
     device = next(base.parameters()).device
     inputs = {
         "input_ids": torch.zeros((batch_size, 1), dtype=torch.long, device=device),
         "cache_position": torch.zeros(1, dtype=torch.long, device=device),
     }
-    with stack:
+    with stack:  # other threads wait: they would see the static generation config
+        saved, base.generation_config = base.generation_config, generation_config
+        try:
+            module = TorchExportableModuleWithStaticCache(base, batch_size=batch_size, max_cache_len=max_cache_len)
+        finally:
+            base.generation_config = saved
+        if table is not None:
+            setattr(module, EXPORTED_VECTORS, table)
         ep = torch.export.export(module, (), inputs, strict=False)
     _substitute(ep, _weights_to_put(ia3, merged), "model.")
     meta = _metadata(ia3, table, merged, "static_cache", batch_size=batch_size, max_cache_len=max_cache_len)

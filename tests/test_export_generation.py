@@ -266,7 +266,7 @@ def test_pt2_decodes_peft_tokens(family, merged, artifacts):
     got = greedy_pt2(module, pair.prompt, NEW)
     assert torch.equal(got, pair.want), (got.tolist(), pair.want.tolist())
     assert not torch.equal(got, pair.base_tokens)
-    # an ExportedProgram is taken as well (and gets a fresh cache): the same tokens again
+    # an ExportedProgram is taken as well (its module is built once per decode): the same tokens again
     assert torch.equal(greedy_pt2(ep, pair.prompt, NEW), pair.want)
 
 
