@@ -254,3 +254,12 @@ def write_json(name: str, data: dict[str, object]) -> str:
 
 def command() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0], os.path.dirname(HERE))] + sys.argv[1:])
+
+
+def randomize_peft_vectors(peft_model, seed: int = 2) -> None:
+    """PEFT's IA3 vectors uniform in [0.5, 1.5]: an adapter that changes every output."""
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in peft_model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)

@@ -42,7 +42,17 @@ import time
 import warnings
 
 import torch
-from _common import alternate, command, llama_config, machine, ratio_lines, ratios_both, table, write_json
+from _common import (
+    alternate,
+    command,
+    llama_config,
+    machine,
+    randomize_peft_vectors,
+    ratio_lines,
+    ratios_both,
+    table,
+    write_json,
+)
 
 import ia3fx
 from ia3fx.decode import greedy_onnx, greedy_pt2
@@ -63,11 +73,7 @@ def build(args: argparse.Namespace):
     base.generation_config.eos_token_id = None  # every contender produces exactly args.new tokens
     base.generation_config.pad_token_id = 0
     peft_model = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config()).eval()
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(2)
-        for name, p in peft_model.named_parameters():
-            if "ia3_l" in name:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+    randomize_peft_vectors(peft_model)
     adapted = ia3fx.get_ia3_model(copy.deepcopy(base), ia3fx.IA3Config())
     adapted.load_adapter_state_dict(peft.get_peft_model_state_dict(peft_model))
     return base, peft_model, adapted

@@ -38,6 +38,7 @@ from _common import (
     command,
     llama_config,
     machine,
+    randomize_peft_vectors,
     ratio_lines,
     ratios_both,
     table,
@@ -60,11 +61,7 @@ def build(args: argparse.Namespace):
     base = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     peft_model = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config()).eval()
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(2)
-        for name, p in peft_model.named_parameters():
-            if "ia3_l" in name:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+    randomize_peft_vectors(peft_model)
     adapted = ia3fx.get_ia3_model(copy.deepcopy(base), ia3fx.IA3Config(), example_inputs={"input_ids": ids})
     adapted.load_adapter_state_dict(peft.get_peft_model_state_dict(peft_model))
     return base, peft_model, adapted, ids

@@ -47,6 +47,31 @@ def tiny_gpt2(**overrides):
     return GPT2LMHeadModel(GPT2Config(**kwargs)).eval()
 
 
+def tiny_bart(**overrides):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    kwargs = dict(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        decoder_start_token_id=2,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return BartForConditionalGeneration(BartConfig(**kwargs)).eval()
+
+
 def tiny_bert_seq_cls(**overrides):
     from transformers import BertConfig, BertForSequenceClassification
 

@@ -22,7 +22,7 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import VOCAB, peft_and_ia3, randomize_peft, tiny_gpt2, tiny_llama, tiny_t5
+from conftest import VOCAB, peft_and_ia3, randomize_peft, tiny_bart, tiny_gpt2, tiny_llama, tiny_t5
 from transformers import GenerationConfig
 from transformers.generation import BaseStreamer
 
@@ -30,31 +30,6 @@ import ia3fx
 
 PAD = 0
 NEW = 8  # max_new_tokens
-
-
-def tiny_bart(**overrides):
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    kwargs = dict(
-        vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        pad_token_id=PAD,
-        bos_token_id=1,
-        decoder_start_token_id=2,
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(0)
-    return BartForConditionalGeneration(BartConfig(**kwargs)).eval()
 
 
 # family -> (factory, overrides, PEFT task type). No eos token by default (a test sets one), a pad
