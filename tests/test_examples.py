@@ -33,6 +33,7 @@ KEY_LINES = {
     "train_with_trainer.py": ["OK: trained with Trainer, saved, reloaded and resumed"],
     "plan_targets.py": ["OK: all plans as expected"],
     "peft_parity.py": ["OK: ia3fx matches PEFT within 1e-05 on 4 models"],
+    "generate_and_export.py": ["OK: generate, pt2 and ONNX decodes agree"],
     "custom_module.py": ["max |graph - eager reference| = 0.00e+00", "OK: every call site scaled as configured"],
 }
 
