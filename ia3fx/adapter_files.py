@@ -278,6 +278,7 @@ class AdapterFilesMixin:
         touched: on any error nothing was added. ``.eval()`` unless ``is_trainable``, as PEFT.
         Unlike PEFT, an existing ``adapter_name`` is an error rather than a reload into it.
         """
+        self._check_loaded()
         from .io import read_adapter_files
 
         if adapter_name in self.ia3_l:

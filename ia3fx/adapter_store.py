@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -22,6 +23,27 @@ from .targeting import Selection, Target, select_targets
 
 PEFT_PREFIX = "base_model.model."
 Slot = tuple[str, str]
+
+
+def check_adapter_name(name: object, store: nn.Module | None = None) -> None:
+    """Refuse a name that cannot key the adapter's ModuleDicts or would name a path.
+
+    Names become attributes (``"half"``, ``"train"``, ``"a.b"`` cannot be used) and directories of
+    ``save_pretrained`` (``"/abs"``, ``"a/b"``, ``".."`` would write outside the save directory)."""
+    probe = store if store is not None else nn.ModuleDict()
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{name!r} cannot be an adapter name: it must be a non-empty string")
+    shown = repr(name) if len(name) <= 60 else repr(name[:57] + "...")
+    if name in (".", "..") or any(sep in name for sep in ("/", "\\", os.sep, os.altsep or "/")):
+        raise ValueError(
+            f"{shown} cannot be an adapter name: it is or holds a path separator or '..', and save_pretrained "
+            "writes each adapter to a directory of its name"
+        )
+    if "." in name or (name not in probe and hasattr(probe, name)):
+        raise ValueError(
+            f"{shown} cannot be an adapter name: it must be a string without '.' that is not an attribute of "
+            "torch.nn.Module (such as 'half', 'float', 'train', 'to')"
+        )
 
 
 def _key(name: str) -> str:
@@ -56,14 +78,7 @@ class AdapterStoreMixin:
         raise KeyError(f"cannot find the weight of layer {name!r}")
 
     def _add_adapter_state(self, adapter: str, selection: Selection, graph: GraphModule | None = None) -> None:
-        # names key ModuleDicts, so they become attributes: "half", "train", "a.b" cannot be used
-        if not isinstance(adapter, str) or not adapter or "." in adapter or (
-            adapter not in self.ia3_l and hasattr(self.ia3_l, adapter)
-        ):
-            raise ValueError(
-                f"{adapter!r} cannot be an adapter name: it must be a non-empty string without '.' that is "
-                "not an attribute of torch.nn.Module (such as 'half', 'float', 'train', 'to')"
-            )
+        check_adapter_name(adapter, self.ia3_l)
         cfg = selection.config
         vectors = nn.ParameterDict()
         for name, target in selection.targets.items():
@@ -139,6 +154,7 @@ class AdapterStoreMixin:
 
     def add_adapter(self, adapter_name: str, config: IA3Config) -> None:
         """Add an adapter, inactive and frozen as in PEFT; existing graphs gain its slots."""
+        self._check_loaded()
         if not isinstance(config, IA3Config):
             raise ValueError(f"add_adapter takes an ia3fx.IA3Config (peft_type IA3), got {type(config).__name__}")
         if adapter_name in self.ia3_l:
@@ -150,6 +166,7 @@ class AdapterStoreMixin:
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make these adapters active (several multiply); the others are frozen."""
+        self._check_loaded()
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.ia3_l]
         if unknown:
@@ -171,6 +188,7 @@ class AdapterStoreMixin:
         self._rebind_all()
 
     def delete_adapter(self, adapter_name: str) -> None:
+        self._check_loaded()
         if adapter_name not in self.ia3_l:
             raise ValueError(f"no adapter named {adapter_name!r}; adapters: {list(self.ia3_l)}")
         if adapter_name in self._merged:
@@ -190,6 +208,7 @@ class AdapterStoreMixin:
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside, outputs equal the base model's; on exit every state is as it was (merged too)."""
+        self._check_loaded()
         was_disabled = self._disabled
         # requires_grad of every adapter tensor comes back exactly as it was (a vector the user froze
         # by hand stays frozen), where PEFT re-derives it from the active adapters on exit
@@ -212,6 +231,7 @@ class AdapterStoreMixin:
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
         """A new adapter whose vectors are ``Σ wᵢ·lᵢ`` (PEFT's math: a missing layer counts as 0)."""
+        self._check_loaded()
         if adapter_name in self.ia3_l:
             raise ValueError(f"an adapter named {adapter_name!r} already exists (PEFT would silently do nothing)")
         if len(adapters) != len(weights) or not adapters:

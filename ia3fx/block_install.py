@@ -90,7 +90,6 @@ class BlockInstallMixin:
         self._hooked.clear()
         self._block_cache.clear()
         self._blocks_mode = False
-        self._unloaded = True
 
     def _refresh_live(self) -> None:
         """Which vectors each slot applies now, and which blocks have anything to apply.

@@ -72,6 +72,7 @@ class MergeMixin:
         All new weights are computed (and, with ``safe_merge``, checked for NaN/inf) before any is
         assigned: a failure leaves every weight as it was.
         """
+        self._check_loaded()
         if isinstance(adapter_names, str):
             raise TypeError(f"adapter_names must be a list of names, not the string {adapter_names!r}")
         names = list(adapter_names) if adapter_names is not None else list(self._active)
@@ -106,6 +107,7 @@ class MergeMixin:
 
     def unmerge_adapter(self) -> None:
         """Put the original weights back, bit for bit (no division, unlike PEFT)."""
+        self._check_loaded()
         if not self._merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
@@ -122,6 +124,7 @@ class MergeMixin:
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
     ) -> nn.Module:
         """Merge, then return the user's model class with merged weights and trained head copies."""
+        self._check_loaded()
         if not self._retraceable:
             raise ValueError("merge_and_unload needs the original nn.Module; for a graph use merged_graph_module()")
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
@@ -131,12 +134,15 @@ class MergeMixin:
         self._originals.clear()
         if self._blocks_mode:
             self._uninstall_blocks()
+        self._unloaded_by = "merge_and_unload"
         return self.model
 
     def unload(self) -> nn.Module:
         """Return the base model as it was: unmerged, original modules, its own forward."""
+        self._check_loaded()
         if self._merged:
             self.unmerge_adapter()
         if self._blocks_mode:
             self._uninstall_blocks()
+        self._unloaded_by = "unload"
         return self.model

@@ -27,7 +27,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .adapter_files import AdapterFilesMixin
-from .adapter_store import PEFT_PREFIX, AdapterStoreMixin, Slot
+from .adapter_store import PEFT_PREFIX, AdapterStoreMixin, Slot, check_adapter_name
 from .block_install import BlockInstallMixin
 from .blocks import (
     GATE,
@@ -73,6 +73,7 @@ class IA3Model(AdapterStoreMixin, WholeGraphMixin, BlockInstallMixin, MergeMixin
         nn.Module.__init__(self)  # not super(): a typed class's next base is the model's own class
         if not isinstance(config, IA3Config):
             raise TypeError(f"config must be an ia3fx.IA3Config, got {type(config).__name__}")
+        check_adapter_name(adapter_name)  # before anything of the model is touched
         retraceable = isinstance(model, nn.Module) and not isinstance(model, GraphModule)
         selection = None
         blocks: dict[str, nn.Module] = {}
@@ -112,6 +113,7 @@ class IA3Model(AdapterStoreMixin, WholeGraphMixin, BlockInstallMixin, MergeMixin
         self._merged: list[str] = []
         self._originals: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
         self._product_slots: list[Slot] = []
+        self._unloaded_by: str | None = None  # merge_and_unload / unload: the model was handed back
 
         if graph is None:
             self._sites0: list[CallSite] = []
@@ -141,7 +143,17 @@ class IA3Model(AdapterStoreMixin, WholeGraphMixin, BlockInstallMixin, MergeMixin
     # --- adapter state -------------------------------------------------------------------------
     # --- what the graphs read ------------------------------------------------------------------
     # --- graphs --------------------------------------------------------------------------------
+    def _check_loaded(self) -> None:
+        """After ``merge_and_unload()`` / ``unload()`` the model belongs to the caller again: a
+        forward here would scale a merged model twice, an unmerge would find nothing to restore."""
+        if self._unloaded_by is not None:
+            raise RuntimeError(
+                f"this IA3Model was unloaded by {self._unloaded_by}(): use the model it returned; to adapt it "
+                "again, call ia3fx.get_ia3_model on that model"
+            )
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_loaded()
         if self._blocks_mode:
             # in training nothing reads a KV cache, and a cache sends every block down the eager path
             if self.training and "use_cache" not in kwargs and self._takes("use_cache"):
@@ -186,6 +198,7 @@ class IA3Model(AdapterStoreMixin, WholeGraphMixin, BlockInstallMixin, MergeMixin
         exactly as PEFT computes them. A graph captured from an ``nn.Module`` without transformers
         blocks, a GraphModule or an ExportedProgram has no cache: there it is refused.
         """
+        self._check_loaded()
         if self._blocks_mode:
             with GATE.running():
                 return self.model.generate(*args, **kwargs)

@@ -679,14 +679,40 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+MERGE_RECORD = "ia3fx_merge.json"  # marks a directory as a merge output, which --force may replace
+
+
 def _check_dirs(base: str, adapter: str, out: str, force: bool) -> None:
     for role, src in (("base", base), ("adapter", adapter)):
         if _inside(out, src) or _inside(src, out):
             raise CheckpointError(
                 f"the output {out} and the {role} directory {src} overlap; write the merged checkpoint elsewhere"
             )
-    if os.path.lexists(out) and not force:
+    cwd = os.path.realpath(os.getcwd())
+    if _inside(cwd, out):
+        raise CheckpointError(
+            f"the output directory {out} is the working directory or holds it; name a new directory for the merge"
+        )
+    if not os.path.lexists(out):
+        return
+    if not force:
         raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace it")
+    earlier = os.path.isdir(out) and (not os.listdir(out) or os.path.isfile(os.path.join(out, MERGE_RECORD)))
+    if not earlier:
+        raise CheckpointError(
+            f"{out} is not the output of an earlier merge (no {MERGE_RECORD}) nor an empty directory: --force "
+            "replaces only those. Name a new directory, or remove this one yourself"
+        )
+
+
+def _write_record(tmp: str, base: str, adapter: str, report: MergeReport) -> None:
+    import json
+
+    path = os.path.join(tmp, MERGE_RECORD)
+    with open(path, "w") as f:
+        json.dump({"ia3fx_merge": 1, "base_dir": base, "adapter_dir": adapter, "layers": report.layers}, f, indent=1)
+    report.files_written += 1
+    report.bytes_written += os.path.getsize(path)
 
 
 def _other_files(base_dir: str, weights: set[str]) -> tuple[list[str], list[str]]:
@@ -736,7 +762,9 @@ def merge_checkpoint(
     bit-identical to PEFT's ``merge_and_unload()`` followed by ``save_pretrained``, but the model
     is never built with weights: memory stays a few tens of MB above the interpreter.
 
-    ``force`` replaces an existing ``out_dir`` (only once the new one is complete). ``progress``:
+    ``force`` replaces an existing ``out_dir`` (only once the new one is complete) if it is empty
+    or an earlier merge's output (which holds ``ia3fx_merge.json``: the inputs it was made from);
+    any other directory, a file, the working directory or one holding it is refused. ``progress``:
     ``None`` shows a tqdm bar on stderr when it is a terminal, ``True``/``False`` force it on/off,
     a callable gets ``(bytes_done, bytes_total)``.
 
@@ -747,6 +775,8 @@ def merge_checkpoint(
     t0 = time.perf_counter()
     base = os.path.realpath(os.fspath(base_dir))
     adapter_root = os.path.realpath(os.fspath(adapter_dir))
+    if not os.fspath(out_dir).strip():
+        raise CheckpointError("the output directory is empty (''): name a new directory for the merged checkpoint")
     out = os.path.realpath(os.fspath(out_dir))
     _check_dirs(base, adapter_root, out, force)
 
@@ -796,6 +826,7 @@ def merge_checkpoint(
             bar.update(size)
             report.files_written += 1
             report.bytes_written += size
+        _write_record(tmp, base, adapter_root, report)
         _finish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -95,11 +95,13 @@ def test_bit_identical_to_peft_merge_and_unload(tmp_path, family, dtype, shard):
         assert len([f for f in os.listdir(base) if f.endswith(".safetensors")]) > 1
     report = merge_checkpoint(base, adapter, tmp_path / "out", progress=False)
     assert_bit_identical(tmp_path / "out", merged, base)
-    assert report.tensors_merged > 0 and report.files_written == len(os.listdir(base))
+    assert report.tensors_merged > 0 and report.files_written == len(os.listdir(base)) + 1
     if family == "bert":
         assert report.tensors_replaced == 2  # classifier.weight, classifier.bias
-    # same file names; shard headers and index byte for byte
-    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(base))
+    # same file names plus the merge's record; shard headers and index byte for byte
+    assert sorted(os.listdir(tmp_path / "out")) == sorted([*os.listdir(base), offline.MERGE_RECORD])
+    record = json.loads((tmp_path / "out" / offline.MERGE_RECORD).read_text())
+    assert record["base_dir"] == str(base) and record["adapter_dir"] == str(adapter)
     for name in os.listdir(base):
         if name.endswith(".safetensors"):
             a, b = read_safetensors_header(base / name), read_safetensors_header(tmp_path / "out" / name)
@@ -388,7 +390,7 @@ def test_never_writes_into_the_inputs(tmp_path, where, capsys):
 def test_existing_output_needs_force(tmp_path, capsys):
     base, adapter, merged = make_checkpoint(tmp_path, "llama")
     out = tmp_path / "out"
-    out.mkdir()
+    merge_checkpoint(base, adapter, out, progress=False)  # an earlier merge's output
     (out / "old.txt").write_text("previous")
     with pytest.raises(FileExistsError, match="--force"):
         merge_checkpoint(base, adapter, out, progress=False)
@@ -404,9 +406,10 @@ def test_existing_output_needs_force(tmp_path, capsys):
 def test_failure_midway_leaves_no_output(tmp_path, existing, monkeypatch):
     base, adapter, _ = make_checkpoint(tmp_path, "llama", shard="20KB")
     out = tmp_path / "out"
-    if existing:
-        out.mkdir()
+    if existing:  # an earlier merge's output, which --force may replace
+        merge_checkpoint(base, adapter, out, progress=False)
         (out / "old.txt").write_text("previous")
+        before = snapshot(out)
     calls = []
 
     def failing_fold(*args, **kwargs):
@@ -423,7 +426,7 @@ def test_failure_midway_leaves_no_output(tmp_path, existing, monkeypatch):
     assert len(calls) == 3
     assert torch.get_num_threads() == threads  # the merge folds on one thread, then restores
     if existing:
-        assert os.listdir(out) == ["old.txt"] and (out / "old.txt").read_text() == "previous"
+        assert snapshot(out) == before
     else:
         assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == sorted(["adapter", "base"] + (["out"] if existing else []))

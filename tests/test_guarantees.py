@@ -1,0 +1,167 @@
+"""Bad input that used to change or lose something: now a clear error, and nothing changed.
+
+Adapter names that are paths, an IA3Model used after ``merge_and_unload()`` / ``unload()``
+(outputs scaled twice), and offline-merge outputs that would have replaced the working directory
+or a directory of the user's.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from conftest import custom_model, randomize_peft, tiny_llama, token_inputs
+
+import ia3fx
+from ia3fx.cli import main
+from ia3fx.offline import CheckpointError, merge_checkpoint
+
+BAD_NAMES = ["/abs/path", "a/b", "a\\b", "..", "", "a.b", "train", 5]
+
+
+def _state(model: torch.nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _flags(model: torch.nn.Module) -> dict:
+    return {k: p.requires_grad for k, p in model.named_parameters()}
+
+
+# --- adapter names ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
+def test_bad_adapter_name_changes_nothing(name):
+    model = tiny_llama()
+    state, flags = _state(model), _flags(model)
+    with pytest.raises(ValueError, match="cannot be an adapter name"):
+        ia3fx.get_ia3_model(model, ia3fx.IA3Config(), adapter_name=name)
+    assert _flags(model) == flags and all(flags.values())  # nothing frozen
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all("forward" not in vars(m) for m in model.modules())  # no runner, no dispatcher left
+
+
+@pytest.mark.parametrize("name", ["/abs/path", "a/b", "..", "../up"], ids=repr)
+def test_path_like_names_are_refused_by_add_and_load(name, tmp_path):
+    ia3 = ia3fx.get_ia3_model(tiny_llama(), ia3fx.IA3Config())
+    ia3.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="cannot be an adapter name.*path separator"):
+        ia3.add_adapter(name, ia3fx.IA3Config())
+    with pytest.raises(ValueError, match="cannot be an adapter name"):
+        ia3.load_adapter(tmp_path / "adapter", adapter_name=name)
+    assert list(ia3.ia3_l) == ["default"]
+    # nothing was written outside the save directory either
+    ia3.save_pretrained(tmp_path / "again")
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "again"]
+
+
+# --- after merge_and_unload() / unload() -----------------------------------------------------------
+def _adapted(kind: str):
+    if kind == "blocks":
+        ia3 = ia3fx.get_ia3_model(tiny_llama(), ia3fx.IA3Config())
+        inputs = token_inputs("llama")
+    else:  # a plain module: the whole-model graph
+        model = custom_model("MLP")
+        inputs = {"X": torch.randn(3, 10)}
+        ia3 = ia3fx.get_ia3_model(model, ia3fx.IA3Config(target_modules=["lin0"], feedforward_modules=[]),
+                                  example_inputs=inputs)
+    with torch.no_grad():
+        for v in ia3.ia3_l.parameters():
+            v.copy_(torch.rand_like(v) + 0.5)
+    ia3.eval()
+    return ia3, inputs
+
+
+def _out(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("kind", ["blocks", "whole-graph"])
+@pytest.mark.parametrize("how", ["merge_and_unload", "unload"])
+def test_an_unloaded_ia3model_refuses_further_use(kind, how):
+    ia3, inputs = _adapted(kind)
+    adapted = _out(ia3, inputs)
+    with ia3.disable_adapter():
+        base = _out(ia3, inputs)
+    returned = getattr(ia3, how)()
+    expected = adapted if how == "merge_and_unload" else base
+    assert torch.allclose(_out(returned, inputs), expected, atol=1e-6)
+    for call in (
+        lambda: ia3(**inputs),
+        ia3.unmerge_adapter,
+        ia3.merge_adapter,
+        lambda: ia3.set_adapter("default"),
+        lambda: ia3.add_adapter("other", ia3fx.IA3Config()),
+        ia3.merge_and_unload,
+        ia3.unload,
+    ):
+        with pytest.raises(RuntimeError, match=f"was unloaded by {how}"):
+            call()
+    if kind == "blocks":
+        with pytest.raises(RuntimeError, match="was unloaded"):
+            ia3.generate(input_ids=inputs["input_ids"][:1], max_new_tokens=2)
+    # the returned model still computes what it computed: scaled once (or not at all)
+    assert torch.allclose(_out(returned, inputs), expected, atol=1e-6)
+
+
+# --- offline merge outputs -------------------------------------------------------------------------
+@pytest.fixture()
+def checkpoint(tmp_path):
+    import peft
+
+    model = tiny_llama()
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    model.save_pretrained(base)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.IA3Config())
+    randomize_peft(pm)
+    pm.save_pretrained(adapter)
+    return base, adapter
+
+
+def _snapshot(path) -> dict[str, bytes]:
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = fh.read()
+    return out
+
+
+def test_merge_refuses_an_empty_output_and_the_working_directory(checkpoint, tmp_path, monkeypatch, capsys):
+    base, adapter = checkpoint
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for out in ("", ".", str(work)):
+        with pytest.raises(CheckpointError, match="output directory"):
+            merge_checkpoint(base, adapter, out, force=True, progress=False)
+    code = main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", "", "--force"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("ia3fx merge: error: ") and len(err.strip().splitlines()) == 1
+    assert _snapshot(work) == {"notes.txt": b"mine"}
+
+
+def test_merge_replaces_only_an_earlier_merge_or_an_empty_directory(checkpoint, tmp_path):
+    base, adapter = checkpoint
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(CheckpointError, match="not the output of an earlier merge"):
+        merge_checkpoint(base, adapter, mine, force=True, progress=False)
+    assert _snapshot(mine) == {"thesis.tex": b"years of work"}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    merge_checkpoint(base, adapter, empty, force=True, progress=False)
+    first = _snapshot(empty)
+    assert "model.safetensors" in first
+    merge_checkpoint(base, adapter, empty, force=True, progress=False)  # an earlier merge: replaced
+    assert _snapshot(empty) == first
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep")
+    with pytest.raises(CheckpointError, match="not the output of an earlier merge"):
+        merge_checkpoint(base, adapter, a_file, force=True, progress=False)
+    assert a_file.read_text() == "keep"
