@@ -302,3 +302,16 @@ def peft_and_ia3(model: nn.Module, peft_kwargs: dict, example_inputs=None, seed:
 def logits(out):
     """The tensor a model call returns: ``.logits`` of a transformers output, else the output."""
     return out.logits if hasattr(out, "logits") else out
+
+
+def snapshot(path) -> dict[str, bytes]:
+    """Every file below ``path`` (relative path -> bytes): to assert that nothing was changed."""
+    import os
+
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = fh.read()
+    return out

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import custom_model, randomize_peft, tiny_llama, token_inputs
+from conftest import custom_model, randomize_peft, snapshot, tiny_llama, token_inputs
 
 import ia3fx
 from ia3fx.cli import main
@@ -120,16 +120,6 @@ def checkpoint(tmp_path):
     return base, adapter
 
 
-def _snapshot(path) -> dict[str, bytes]:
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = fh.read()
-    return out
-
-
 def test_merge_refuses_an_empty_output_and_the_working_directory(checkpoint, tmp_path, monkeypatch, capsys):
     base, adapter = checkpoint
     work = tmp_path / "work"
@@ -142,7 +132,7 @@ def test_merge_refuses_an_empty_output_and_the_working_directory(checkpoint, tmp
     code = main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", "", "--force"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("ia3fx merge: error: ") and len(err.strip().splitlines()) == 1
-    assert _snapshot(work) == {"notes.txt": b"mine"}
+    assert snapshot(work) == {"notes.txt": b"mine"}
 
 
 def test_merge_replaces_only_an_earlier_merge_or_an_empty_directory(checkpoint, tmp_path):
@@ -152,14 +142,14 @@ def test_merge_replaces_only_an_earlier_merge_or_an_empty_directory(checkpoint, 
     (mine / "thesis.tex").write_text("years of work")
     with pytest.raises(CheckpointError, match="not the output of an earlier merge"):
         merge_checkpoint(base, adapter, mine, force=True, progress=False)
-    assert _snapshot(mine) == {"thesis.tex": b"years of work"}
+    assert snapshot(mine) == {"thesis.tex": b"years of work"}
     empty = tmp_path / "empty"
     empty.mkdir()
     merge_checkpoint(base, adapter, empty, force=True, progress=False)
-    first = _snapshot(empty)
+    first = snapshot(empty)
     assert "model.safetensors" in first
     merge_checkpoint(base, adapter, empty, force=True, progress=False)  # an earlier merge: replaced
-    assert _snapshot(empty) == first
+    assert snapshot(empty) == first
     a_file = tmp_path / "file.txt"
     a_file.write_text("keep")
     with pytest.raises(CheckpointError, match="not the output of an earlier merge"):

@@ -20,6 +20,7 @@ from conftest import (
     logits,
     peft_and_ia3,
     randomize_peft,
+    snapshot,
     tiny_bert_seq_cls,
     tiny_gpt2,
     tiny_llama,
@@ -73,16 +74,6 @@ def assert_bit_identical(out_dir, reference: torch.nn.Module, base_dir) -> None:
         assert torch.equal(t, ref[k]), f"{k} differs from PEFT's merge_and_unload"
         changed += not torch.equal(t, base[k])
     assert changed > 0
-
-
-def snapshot(path) -> dict[str, bytes]:
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = fh.read()
-    return out
 
 
 # --- bit identity with PEFT ---------------------------------------------------------------------
