@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,7 +106,54 @@ Patterns = list[str] | set[str] | str | None
 
 
 def _as_set(value: Any) -> Any:
-    return set(value) if isinstance(value, list) else value
+    return set(value) if isinstance(value, (list, tuple)) else value
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_patterns(name: str, value: Any) -> None:
+    """``None``, a regex string (compiled here, not after a trace), or a collection of names."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"{name}={_shown(value)} is not a valid regular expression: {e}") from e
+        return
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(
+            f"{name} must be a list of module names or one regex string, got {type(value).__name__} {_shown(value)}"
+        )
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{name} must hold module names (strings); {_shown(bad[0])} is a {type(bad[0]).__name__}")
+
+
+def _check_field_types(config: Any) -> None:
+    """PEFT's types, field by field, named in the error: a string where a flag or a list belongs
+    would otherwise be read silently (``"no"`` is true, ``"lm_head"`` is five one-letter names)."""
+    for name in ("target_modules", "exclude_modules", "feedforward_modules"):
+        _check_patterns(name, getattr(config, name))
+    saved = config.modules_to_save
+    if isinstance(saved, str):
+        raise TypeError(f"modules_to_save must be a list of module names, got the string {_shown(saved)}: "
+                        f"write [{_shown(saved)}]")
+    if saved is not None:
+        _check_patterns("modules_to_save", saved)
+    for name in ("fan_in_fan_out", "init_ia3_weights", "inference_mode"):
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {type(value).__name__} {_shown(value)}")
+    for name in ("base_model_name_or_path", "revision", "peft_version"):
+        value = getattr(config, name)
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name} must be a string or None, got {type(value).__name__} {_shown(value)}")
+    if config.auto_mapping is not None and not isinstance(config.auto_mapping, dict):
+        raise TypeError(f"auto_mapping must be a dict or None, got {type(config.auto_mapping).__name__}")
 
 
 @dataclass
@@ -147,6 +195,7 @@ class IA3Config:
 
     def __post_init__(self) -> None:
         self.peft_type = "IA3"
+        _check_field_types(self)
         if self.task_type is not None:
             self.task_type = str(getattr(self.task_type, "value", self.task_type))
             if self.task_type not in TASK_TYPES:

@@ -155,3 +155,48 @@ def test_merge_replaces_only_an_earlier_merge_or_an_empty_directory(checkpoint, 
     with pytest.raises(CheckpointError, match="not the output of an earlier merge"):
         merge_checkpoint(base, adapter, a_file, force=True, progress=False)
     assert a_file.read_text() == "keep"
+
+
+# --- IA3Config fields: checked at construction, the field named -------------------------------------
+BAD_CONFIGS = [
+    (dict(modules_to_save="lm_head"), TypeError, r"modules_to_save must be a list of module names, got the string 'lm_head'"),
+    (dict(target_modules=["k_proj", 5]), TypeError, r"target_modules must hold module names \(strings\); 5 is a int"),
+    (dict(target_modules={"k_proj": 1}), TypeError, r"target_modules must be a list of module names or one regex"),
+    (dict(feedforward_modules=3), TypeError, r"feedforward_modules must be a list"),
+    (dict(exclude_modules=["a", None]), TypeError, r"exclude_modules must hold module names"),
+    (dict(modules_to_save=["classifier", 1.5]), TypeError, r"modules_to_save must hold module names"),
+    (dict(init_ia3_weights="no"), TypeError, r"init_ia3_weights must be True or False, got str 'no'"),
+    (dict(inference_mode="false"), TypeError, r"inference_mode must be True or False, got str 'false'"),
+    (dict(fan_in_fan_out=1), TypeError, r"fan_in_fan_out must be True or False, got int 1"),
+    (dict(revision=3), TypeError, r"revision must be a string or None"),
+    (dict(base_model_name_or_path=["m"]), TypeError, r"base_model_name_or_path must be a string or None"),
+    (dict(auto_mapping="x"), TypeError, r"auto_mapping must be a dict or None"),
+    (dict(target_modules="(k_proj"), ValueError, r"target_modules='\(k_proj' is not a valid regular expression"),
+    (dict(target_modules=["k_proj"], exclude_modules="[a-"), ValueError, r"exclude_modules='\[a-' is not a valid regular"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), BAD_CONFIGS, ids=[repr(c[0]) for c in BAD_CONFIGS])
+def test_config_fields_are_checked_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        ia3fx.IA3Config(**kwargs)
+
+
+def test_a_config_file_with_a_wrong_type_is_an_adapter_load_error(tmp_path):
+    import json
+
+    ia3fx.IA3Config().save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    data["modules_to_save"] = "lm_head"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    model = tiny_llama()
+    state = _state(model)
+    with pytest.raises(ia3fx.AdapterLoadError, match="modules_to_save must be a list of module names"):
+        ia3fx.IA3Model.from_pretrained(model, tmp_path)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_tuples_of_names_read_as_lists():
+    config = ia3fx.IA3Config(target_modules=("k_proj", "down_proj"), feedforward_modules=("down_proj",))
+    assert config.target_modules == {"k_proj", "down_proj"} and config.feedforward_modules == {"down_proj"}
