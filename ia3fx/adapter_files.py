@@ -80,6 +80,10 @@ class AdapterFilesMixin:
                 k = k.replace(segment, ".")
             if not isinstance(v, torch.Tensor):
                 raise AdapterLoadError(f"state dict entry {k!r} is a {type(v).__name__}, not a tensor. Nothing was loaded.")
+            if k.endswith(".ia3_l") and not (v.is_floating_point() or v.is_complex()):
+                raise AdapterLoadError(
+                    f"state dict entry {k!r} is a {v.dtype} tensor: (IA)³ vectors are floating point. Nothing was loaded."
+                )
             given[k] = v
         missing = sorted(set(expected) - set(given))
         unexpected = sorted(set(given) - set(expected))
@@ -114,6 +118,13 @@ class AdapterFilesMixin:
             raise AdapterLoadError(f"no adapter named {adapter!r}; adapters: {list(self.ia3_l)}")
         expected = self._expected_state(adapter)
         given = self._fit_state_dict({k: shape for k, (_, shape) in expected.items()}, state_dict, adapter)
+        bad = [k for k, v in given.items() if k.endswith(".ia3_l") and not bool(torch.isfinite(v).all())]
+        if bad:  # PEFT loads them; merge_adapter(safe_merge=True) and the offline merge's checks refuse
+            warnings.warn(
+                f"adapter {adapter!r}: {len(bad)} vector(s) hold NaN or infinite values (first {bad[0]!r}); "
+                "outputs through them are NaN/inf, and safe_merge refuses to merge them",
+                stacklevel=2,
+            )
         with torch.no_grad():
             for k, (t, _) in expected.items():
                 t.copy_(given[k].reshape(t.shape))

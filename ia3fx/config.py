@@ -266,9 +266,14 @@ class IA3Config:
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
         tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_json_string())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(self.to_json_string())
+            os.replace(tmp, path)
+        except BaseException:  # a full disk, Ctrl-C: the previous file stays, no temporary is left
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            raise
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> IA3Config:

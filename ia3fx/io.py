@@ -21,7 +21,6 @@ import os
 import re
 import secrets
 import shutil
-import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -281,9 +280,7 @@ def _read_config(directory: str) -> IA3Config:
             f"{path} is a {data['peft_type']} adapter (peft_type={data['peft_type']!r}); ia3fx only reads IA3 adapters"
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # e.g. PEFT fields of newer versions
-            return IA3Config.from_dict(data)
+        return IA3Config.from_dict(data)  # unknown keys: a warning naming them, as PEFT
     except (TypeError, ValueError) as e:
         raise AdapterLoadError(f"{path} is not a valid IA3 config: {e}") from e
 

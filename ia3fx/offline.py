@@ -270,7 +270,9 @@ def _read_adapter(adapter_dir: str) -> _Adapter:
         raise CheckpointError(f"adapter {adapter_dir} is not a directory")
     if not os.path.isfile(os.path.join(adapter_dir, CONFIG_NAME)):
         raise CheckpointError(f"{adapter_dir} is not a PEFT adapter directory: it has no {CONFIG_NAME}")
-    config = IA3Config.from_pretrained(adapter_dir)  # ValueError for another peft_type
+    from .io import _read_config
+
+    config = _read_config(adapter_dir)  # refuses a config without peft_type, or of another type
     st = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if os.path.isfile(st):
         header = read_safetensors_header(st)

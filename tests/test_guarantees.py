@@ -200,3 +200,72 @@ def test_a_config_file_with_a_wrong_type_is_an_adapter_load_error(tmp_path):
 def test_tuples_of_names_read_as_lists():
     config = ia3fx.IA3Config(target_modules=("k_proj", "down_proj"), feedforward_modules=("down_proj",))
     assert config.target_modules == {"k_proj", "down_proj"} and config.feedforward_modules == {"down_proj"}
+
+
+# --- adapter files: vectors that cannot be, configs that are not IA3 --------------------------------
+def test_integer_vectors_are_refused_and_nan_vectors_warned(tmp_path):
+    ia3 = ia3fx.get_ia3_model(tiny_llama(), ia3fx.IA3Config())
+    state = ia3.adapter_state_dict()
+    key = next(iter(state))
+    before = {k: v.clone() for k, v in ia3.adapter_state_dict().items()}
+    for dtype in (torch.int64, torch.bool):
+        bad = {**state, key: state[key].to(dtype)}
+        with pytest.raises(ia3fx.AdapterLoadError, match=f"is a {dtype} tensor: .* floating point. Nothing was loaded"):
+            ia3.load_adapter_state_dict(bad)
+        assert all(torch.equal(v, before[k]) for k, v in ia3.adapter_state_dict().items())
+    nan = {**state, key: torch.full_like(state[key], float("nan"))}
+    with pytest.warns(UserWarning, match="hold NaN or infinite values"):
+        ia3.load_adapter_state_dict(nan)  # PEFT loads them too
+    with pytest.raises(ValueError):
+        ia3.merge_adapter(safe_merge=True)
+    assert ia3.merged_adapters == []
+
+
+def test_unknown_config_keys_warn_when_read(tmp_path):
+    import json
+
+    ia3 = ia3fx.get_ia3_model(tiny_llama(), ia3fx.IA3Config())
+    ia3.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    data["lora_alpha"] = 16
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match=r"Unexpected keys in the IA3 config were ignored: \['lora_alpha'\]"):
+        ia3fx.IA3Model.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_offline_merge_refuses_a_config_without_peft_type(checkpoint, tmp_path):
+    import json
+
+    base, adapter = checkpoint
+    data = json.loads((adapter / "adapter_config.json").read_text())
+    del data["peft_type"]
+    (adapter / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="has no 'peft_type'"):
+        merge_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_save_on_a_full_disk_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    ia3fx.IA3Config(target_modules=["k_proj"], feedforward_modules=[]).save_pretrained(tmp_path)
+    before = snapshot(tmp_path)
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, *a, **k):
+            self.f = real_open(*a, **k)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", lambda path, mode="r", *a, **k: FullDisk(path, mode, *a, **k)
+                        if str(path).endswith(".tmp") else real_open(path, mode, *a, **k))
+    with pytest.raises(OSError, match="No space left"):
+        ia3fx.IA3Config().save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == before
