@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -234,8 +235,16 @@ class AdapterStoreMixin:
         self._check_loaded()
         if adapter_name in self.ia3_l:
             raise ValueError(f"an adapter named {adapter_name!r} already exists (PEFT would silently do nothing)")
+        check_adapter_name(adapter_name, self.ia3_l)
         if len(adapters) != len(weights) or not adapters:
             raise ValueError("add_weighted_adapter needs as many weights as adapters, at least one")
+        for w in weights:
+            try:
+                finite = not isinstance(w, (bool, str)) and math.isfinite(float(w))
+            except (TypeError, ValueError):
+                finite = False
+            if not finite:
+                raise ValueError(f"add_weighted_adapter weights must be finite numbers; got {w!r}")
         unknown = [a for a in adapters if a not in self.ia3_l]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; adapters: {list(self.ia3_l)}")

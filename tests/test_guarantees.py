@@ -269,3 +269,15 @@ def test_config_save_on_a_full_disk_leaves_the_old_file_and_no_temporary(tmp_pat
         ia3fx.IA3Config().save_pretrained(tmp_path)
     monkeypatch.undo()
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), "0.5", None, True], ids=repr)
+def test_add_weighted_adapter_refuses_weights_that_are_not_finite_numbers(weight):
+    ia3 = ia3fx.get_ia3_model(tiny_llama(), ia3fx.IA3Config())
+    with pytest.raises(ValueError, match="weights must be finite numbers"):
+        ia3.add_weighted_adapter(["default"], [weight], "w")
+    assert list(ia3.ia3_l) == ["default"]
+    with pytest.raises(ValueError, match="path separator"):
+        ia3.add_weighted_adapter(["default"], [0.5], "a/b")
+    ia3.add_weighted_adapter(["default"], [torch.tensor(0.5)], "w")  # a 0-d tensor is a number
+    assert torch.allclose(ia3.ia3_l["w"][next(iter(ia3.ia3_l["w"].keys()))], torch.tensor(0.5))
