@@ -235,7 +235,6 @@ class AdapterStoreMixin:
         self._check_loaded()
         if adapter_name in self.ia3_l:
             raise ValueError(f"an adapter named {adapter_name!r} already exists (PEFT would silently do nothing)")
-        check_adapter_name(adapter_name, self.ia3_l)
         if len(adapters) != len(weights) or not adapters:
             raise ValueError("add_weighted_adapter needs as many weights as adapters, at least one")
         for w in weights:

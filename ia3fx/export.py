@@ -183,6 +183,11 @@ def _write_transformers(model: IA3Model, directory: str, tokenizer: Any) -> None
             f"not on a {type(base).__name__}; use 'pt2' or 'onnx'"
         )
     base.save_pretrained(directory, state_dict=merged_state_dict(model))
+    _write_tokenizer(base, directory, tokenizer)
+
+
+def _write_tokenizer(base: Any, directory: str, tokenizer: Any) -> None:
+    """The tokenizer given, else the tokenizer files of the base model's own directory."""
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     else:
@@ -372,7 +377,4 @@ def _write_model_files(model: IA3Model, directory: str, tokenizer: Any) -> None:
     base.config.save_pretrained(directory)
     if getattr(base, "generation_config", None) is not None:
         base.generation_config.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    else:
-        _copy_tokenizer_files(getattr(base, "name_or_path", "") or "", directory)
+    _write_tokenizer(base, directory, tokenizer)

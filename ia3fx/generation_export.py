@@ -224,15 +224,6 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
             ["logits"] + [f"present.{n}" for n in kv])
 
 
-def _takes(model: nn.Module, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(type(model).forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def past_key_values_program(ia3: Any, *, merged: bool) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
     """The decoder with past key values (for ONNX), batch/sequence/past dims dynamic."""
     from transformers.configuration_utils import get_head_shapes
@@ -245,7 +236,7 @@ def past_key_values_program(ia3: Any, *, merged: bool) -> tuple[torch.export.Exp
         raise NotImplementedError(
             f"{type(base).__name__} has per-layer head shapes; the past-key-values export takes one shape for all layers"
         )
-    module = DecoderWithPast(base, num_layers, _takes(base, "position_ids"))
+    module = DecoderWithPast(base, num_layers, ia3._takes("position_ids"))
     table, stack = _exporting(ia3, merged)
     if table is not None:
         setattr(module, EXPORTED_VECTORS, table)

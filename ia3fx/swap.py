@@ -132,6 +132,7 @@ def _write_pt2(program: torch.export.ExportedProgram, manifest: dict, vectors: d
 
 
 def _write_onnx(model: Any, manifest: dict, vectors: dict, staged: str) -> None:
+    import onnx
     from onnx import numpy_helper
 
     inits = {init.name: init for init in model.graph.initializer}
@@ -143,8 +144,6 @@ def _write_onnx(model: Any, manifest: dict, vectors: dict, staged: str) -> None:
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
             prop.value = json.dumps(manifest)
-    import onnx
-
     large = model.ByteSize() > 2**31 - 2**26
     onnx.save(model, staged, save_as_external_data=large, location=os.path.basename(staged) + ".data")
 
