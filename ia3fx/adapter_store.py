@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from .blocks import GATE
 from .config import IA3Config
 from .sites import get_attr_path
 from .targeting import Selection, Target, select_targets
@@ -80,6 +81,7 @@ class AdapterStoreMixin:
 
     def _add_adapter_state(self, adapter: str, selection: Selection, graph: GraphModule | None = None) -> None:
         check_adapter_name(adapter, self.ia3_l)
+        self._check_scaled(selection.targets, graph)
         cfg = selection.config
         vectors = nn.ParameterDict()
         for name, target in selection.targets.items():
@@ -181,12 +183,13 @@ class AdapterStoreMixin:
                         "only one of them can be active at a time"
                     )
                 owners[m] = n
-        if self._merged:
-            warnings.warn("Adapters were merged; unmerging them before switching.", stacklevel=2)
-            self.unmerge_adapter()
-        self._active = names
-        self._update_trainable()
-        self._rebind_all()
+        with GATE.exclusive():  # a forward in another thread runs before or after the switch
+            if self._merged:
+                warnings.warn("Adapters were merged; unmerging them before switching.", stacklevel=2)
+                self.unmerge_adapter()
+            self._active = names
+            self._update_trainable()
+            self._rebind_all()
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_loaded()
@@ -214,21 +217,23 @@ class AdapterStoreMixin:
         # requires_grad of every adapter tensor comes back exactly as it was (a vector the user froze
         # by hand stays frozen), where PEFT re-derives it from the active adapters on exit
         grads = [(p, p.requires_grad) for p in (*self.ia3_l.parameters(), *self.modules_to_save.parameters())]
-        swapped = self._swap_originals() if self._merged else []
-        self._disabled = True
-        self._update_trainable()
-        self._rebind_all()
+        with GATE.exclusive():
+            swapped = self._swap_originals() if self._merged else []
+            self._disabled = True
+            self._update_trainable()
+            self._rebind_all()
         try:
             yield
         finally:
-            for param, data in swapped:  # the merged weights come back, unless unmerged in the block
-                kept = self._originals.get(id(param))
-                if kept is not None and param.data.data_ptr() == kept[1].data_ptr():
-                    param.data = data
-            self._disabled = was_disabled
-            for param, flag in grads:
-                param.requires_grad_(flag)
-            self._rebind_all()
+            with GATE.exclusive():
+                for param, data in swapped:  # the merged weights come back, unless unmerged in the block
+                    kept = self._originals.get(id(param))
+                    if kept is not None and param.data.data_ptr() == kept[1].data_ptr():
+                        param.data = data
+                self._disabled = was_disabled
+                for param, flag in grads:
+                    param.requires_grad_(flag)
+                self._rebind_all()
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
         """A new adapter whose vectors are ``Σ wᵢ·lᵢ`` (PEFT's math: a missing layer counts as 0)."""

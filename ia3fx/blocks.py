@@ -58,20 +58,22 @@ class _Gate:
     """Captures exclude running models: torch.export (non-strict) tracks module calls process-wide,
     so another thread's eager module calls during an export break it ("Unexpected key ...").
     ``running()`` is shared (taken by ``IA3Model.forward`` / ``generate``), ``exclusive()`` is the
-    capture's; a thread that needs a capture gives up its shared hold while it waits, so two
-    threads that both need one cannot deadlock."""
+    capture's (and a merge's, a rebinding's); a thread that needs it gives up its shared hold while
+    it waits, so two threads that both need it cannot deadlock. A waiting ``exclusive()`` holds new
+    calls back: a thread calling forward in a loop would otherwise starve it."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
         self._writer: int | None = None
+        self._waiting = 0  # threads waiting in exclusive()
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
         depth = getattr(_state, "gate_depth", 0)
         if depth == 0:
             with self._cond:
-                while self._writer is not None:
+                while self._writer is not None or self._waiting:
                     self._cond.wait()
                 self._readers += 1
         _state.gate_depth = depth + 1
@@ -94,8 +96,13 @@ class _Gate:
         with self._cond:
             if holding:
                 self._readers -= 1
-            while self._writer is not None or self._readers > 0:
-                self._cond.wait()
+                self._cond.notify_all()
+            self._waiting += 1
+            try:
+                while self._writer is not None or self._readers > 0:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
             self._writer = me
         try:
             yield

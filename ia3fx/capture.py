@@ -19,7 +19,7 @@ from torch.export import Dim
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
-from .errors import TraceError
+from .errors import TraceError, shorten
 
 __all__ = ["trace", "normalize_inputs", "input_signature", "accepts"]
 
@@ -159,11 +159,43 @@ def _static_shapes(gm: GraphModule, args: tuple, kwargs: dict) -> list | None:
     return out
 
 
-def _explain(exc: BaseException, model: nn.Module, how: str) -> TraceError:
+def describe_inputs(args: tuple, kwargs: dict, limit: int = 8) -> str:
+    """``input_ids: int64[2, 5], attention_mask: float32[3, 2]``: concrete sizes, for messages."""
+    leaves, _ = pytree.tree_flatten_with_path((args, kwargs))
+    parts = []
+    for path, leaf in leaves[:limit]:
+        name = pytree.keystr(path[1:]).lstrip(".").strip("[]'\"") if path[0].idx == 1 else f"args{pytree.keystr(path[1:])}"
+        if isinstance(leaf, torch.Tensor):
+            parts.append(f"{name}: {str(leaf.dtype).removeprefix('torch.')}[{', '.join(map(str, leaf.shape))}]")
+        else:
+            parts.append(f"{name}: {shorten(repr(leaf), 40)}")
+    if len(leaves) > limit:
+        parts.append(f"... ({len(leaves) - limit} more)")
+    return ", ".join(parts) or "none"
+
+
+def _unknown_keywords(model: nn.Module, kwargs: dict) -> list[str]:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return []
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return [k for k in kwargs if k not in named]
+
+
+def _explain(
+    exc: BaseException, model: nn.Module, how: str, args: tuple = (), kwargs: dict | None = None
+) -> TraceError:
+    kwargs = kwargs or {}
+    name = type(model).__name__
     text = str(exc).strip()
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    head = "\n".join(lines[:12])
-    name = type(model).__name__
+    head = "\n".join(shorten(ln, 300) for ln in lines[:12])
+    if how != "symbolic_trace":  # concrete sizes: the trace's message may name symbolic ones (s70)
+        head += f"\ninputs: {describe_inputs(args, kwargs)}"
+        unknown = _unknown_keywords(model, kwargs)
+        if unknown:
+            head += f"\nkeyword arguments that {name}.forward does not name: {', '.join(map(repr, unknown))}"
     hint = (
         "Make the failing construct traceable (no Python control flow on tensor values, no "
         "data-dependent shapes), or pass example_inputs that avoid that branch, or trace it yourself "
@@ -202,7 +234,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, token_dims: bool, dynam
     try:
         ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as e:  # noqa: BLE001
-        raise _explain(e, model, "torch.export (non-strict)") from e
+        raise _explain(e, model, "torch.export (non-strict)", args, kwargs) from e
     gm = ep.module()
     gm.meta[META_KEY] = {
         "how": "export",

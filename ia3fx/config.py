@@ -15,6 +15,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import shorten
+
 __all__ = [
     "IA3Config",
     "TARGET_MODULES_MAPPING",
@@ -110,8 +112,7 @@ def _as_set(value: Any) -> Any:
 
 
 def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return shorten(repr(value))
 
 
 def _check_patterns(name: str, value: Any) -> None:
@@ -200,7 +201,7 @@ class IA3Config:
             self.task_type = str(getattr(self.task_type, "value", self.task_type))
             if self.task_type not in TASK_TYPES:
                 raise ValueError(
-                    f"task_type {self.task_type!r} is not a PEFT TaskType; use one of {TASK_TYPES}"
+                    f"task_type {_shown(self.task_type)} is not a PEFT TaskType; use one of {TASK_TYPES}"
                 )
         self.target_modules = _as_set(self.target_modules)
         self.exclude_modules = _as_set(self.exclude_modules)

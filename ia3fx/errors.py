@@ -21,3 +21,13 @@ class TraceError(IA3Error, RuntimeError):
 
 class AdapterLoadError(IA3Error, ValueError):
     """A state dict or adapter directory does not fit the model; nothing was changed."""
+
+
+class UnscaledTargetError(IA3Error, ValueError):
+    """A targeted layer runs in the graph but not as a linear call site, so no scale could be put
+    on it: its vector would scale nothing. The message names the layers and what they compute."""
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters: user strings echoed in messages stay readable."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

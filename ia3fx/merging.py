@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .adapter_store import _key
+from .blocks import GATE
 from .passes.fold import SharedWeightError
 from .scaling import fold_bias, fold_weight
 from .targeting import Target
@@ -91,12 +92,12 @@ class MergeMixin:
                 "them after the block, or unmerge_adapter() first"
             )
         updates = self._merge_plan(names, safe_merge)
-        with torch.no_grad():
+        with GATE.exclusive(), torch.no_grad():  # forwards in other threads see all weights or none
             for param, data in updates:
                 self._originals.setdefault(id(param), (param, param.data))
                 param.data = data
-        self._merged.extend(names)
-        self._rebind_all()
+            self._merged.extend(names)
+            self._rebind_all()
 
     def _swap_originals(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         swapped = []
@@ -111,10 +112,11 @@ class MergeMixin:
         if not self._merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        self._swap_originals()
-        self._originals.clear()
-        self._merged.clear()
-        self._rebind_all()
+        with GATE.exclusive():
+            self._swap_originals()
+            self._originals.clear()
+            self._merged.clear()
+            self._rebind_all()
 
     @property
     def merged_adapters(self) -> list[str]:
@@ -127,22 +129,24 @@ class MergeMixin:
         self._check_loaded()
         if not self._retraceable:
             raise ValueError("merge_and_unload needs the original nn.Module; for a graph use merged_graph_module()")
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        for module, clone in self._saved_modules(self.active_adapter).items():
-            parent, _, child = module.rpartition(".")
-            setattr(self.model.get_submodule(parent) if parent else self.model, child, clone)
-        self._originals.clear()
-        if self._blocks_mode:
-            self._uninstall_blocks()
-        self._unloaded_by = "merge_and_unload"
+        with GATE.exclusive():
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+            for module, clone in self._saved_modules(self.active_adapter).items():
+                parent, _, child = module.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, clone)
+            self._originals.clear()
+            if self._blocks_mode:
+                self._uninstall_blocks()
+            self._unloaded_by = "merge_and_unload"
         return self.model
 
     def unload(self) -> nn.Module:
         """Return the base model as it was: unmerged, original modules, its own forward."""
         self._check_loaded()
-        if self._merged:
-            self.unmerge_adapter()
-        if self._blocks_mode:
-            self._uninstall_blocks()
-        self._unloaded_by = "unload"
+        with GATE.exclusive():
+            if self._merged:
+                self.unmerge_adapter()
+            if self._blocks_mode:
+                self._uninstall_blocks()
+            self._unloaded_by = "unload"
         return self.model

@@ -39,7 +39,7 @@ from .blocks import (
 from .capture import is_transformers_model, trace
 from .config import IA3Config
 from .merging import MergeMixin
-from .sites import CallSite, find_call_sites
+from .sites import CallSite, check_targets_scaled, find_call_sites
 from .targeting import Selection, Target, select_targets
 from .whole_graph import WholeGraphMixin
 
@@ -121,13 +121,13 @@ class IA3Model(AdapterStoreMixin, WholeGraphMixin, BlockInstallMixin, MergeMixin
             self._sites0 = find_call_sites(graph)
             selection = select_targets(config, self._sites0, model=self._layer_model)
         self._add_adapter_state(adapter_name, selection, graph)  # validates before anything changes
-        for p in self.model.parameters():
-            p.requires_grad_(False)
         if graph is not None:
             self._install(graph, self._sites0)
             self._graph_key = self._cache_key(graph)
             self._graphs[self._graph_key] = [graph]
-        else:
+        for p in self.model.parameters():  # the first change to the user's model
+            p.requires_grad_(False)
+        if graph is None:
             self._graph_key = None
             self._install_blocks(blocks)
             self._dispatch_saved()
@@ -153,17 +153,21 @@ class IA3Model(AdapterStoreMixin, WholeGraphMixin, BlockInstallMixin, MergeMixin
             )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self._check_loaded()
+        # no other thread's capture, merge or rebinding runs during the call (see blocks._Gate);
+        # the unload check is inside, so that a call waiting for an unload sees it
         if self._blocks_mode:
             # in training nothing reads a KV cache, and a cache sends every block down the eager path
             if self.training and "use_cache" not in kwargs and self._takes("use_cache"):
                 kwargs["use_cache"] = False
-            with GATE.running():  # no other thread's capture runs meanwhile (see blocks._Gate)
+            with GATE.running():
+                self._check_loaded()
                 return self.model(*args, **kwargs)
-        graph = self._graph_for(args, kwargs)
-        if self._product_slots:  # a fresh product each call, so gradients reach every adapter
-            self._bind(graph, self._product_slots)
-        return graph(*args, **kwargs)
+        with GATE.running():
+            self._check_loaded()
+            graph = self._graph_for(args, kwargs)
+            if self._product_slots:  # a fresh product each call, so gradients reach every adapter
+                self._bind(graph, self._product_slots)
+            return graph(*args, **kwargs)
 
     def _takes(self, name: str) -> bool:
         try:
@@ -198,10 +202,11 @@ class IA3Model(AdapterStoreMixin, WholeGraphMixin, BlockInstallMixin, MergeMixin
         exactly as PEFT computes them. A graph captured from an ``nn.Module`` without transformers
         blocks, a GraphModule or an ExportedProgram has no cache: there it is refused.
         """
-        self._check_loaded()
         if self._blocks_mode:
             with GATE.running():
+                self._check_loaded()
                 return self.model.generate(*args, **kwargs)
+        self._check_loaded()
         raise NotImplementedError(
             "IA3Model.generate would silently run the base model without the adapter. Use "
             "model.merge_and_unload().generate(...) (or merge_adapter() and then "
@@ -324,4 +329,5 @@ def plan(model: nn.Module | GraphModule | torch.export.ExportedProgram, config: 
     graph = trace(model, example_inputs, train=model.training if retraceable else None, dynamic=False)
     sites = find_call_sites(graph)
     selection = select_targets(config, sites, model=model if retraceable else None)
+    check_targets_scaled(graph, sites, selection.targets)
     return Plan(selection.config, selection.annotate(sites), selection.targets, selection.skipped, selection.modules_to_save)

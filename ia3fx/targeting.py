@@ -20,7 +20,7 @@ from .config import (
     TASK_MODULES_TO_SAVE,
     IA3Config,
 )
-from .errors import NoMatchingModuleError
+from .errors import NoMatchingModuleError, shorten
 from .sites import CONV_KINDS, CallSite, vector_shape
 
 __all__ = ["Layer", "Target", "Selection", "select_targets", "resolve_config", "model_layers"]
@@ -268,7 +268,7 @@ def select_targets(
         )
     if cfg.exclude_modules and not n_excluded:
         warnings.warn(
-            f"You have passed exclude_modules={cfg.exclude_modules} but no modules were excluded. "
+            f"You have passed exclude_modules={_short(cfg.exclude_modules, 200)} but no modules were excluded. "
             "Please check that exclude_modules was set correctly.",
             stacklevel=3,
         )
@@ -280,13 +280,60 @@ def select_targets(
         elif n_excluded:
             lead = "No modules were targeted for adaptation."
         else:
-            lead = f"Target modules {cfg.target_modules} not found in the base model."
+            lead = f"Target modules {_short(cfg.target_modules, 200)} not found in the base model."
         raise NoMatchingModuleError(
             f"{lead} Please check the target modules and try again. "
             f"Linear-like layers in this model ({len(adaptable)}): [{listing}]"
         )
     names = [n for n, _ in model.named_modules(remove_duplicate=False)] if model is not None else _graph_module_names(sites)
-    return Selection(cfg, targets, skipped, _modules_to_save(names, cfg.modules_to_save))
+    saved = _modules_to_save(names, cfg.modules_to_save)
+    _refuse_saved_targets(targets, saved, cfg)
+    _warn_unmatched(config, layers, targets, names)
+    return Selection(cfg, targets, skipped, saved)
+
+
+def _refuse_saved_targets(targets: dict[str, Target], saved: Sequence[str], cfg: IA3Config) -> None:
+    """A layer both adapted and trained in full as a ``modules_to_save`` copy (PEFT's plain suffix
+    rule: ``classifier`` picks DistilBERT's ``pre_classifier``) would lose its vector when merged:
+    the merge folds it into the original, which the unfolded copy then replaces. PEFT refuses this
+    too (a TypeError on wrapping its IA3 layer); so do we, before anything changes."""
+    both = [t for t in targets for m in saved if t == m or t.startswith(m + ".")]
+    if both:
+        raise TypeError(
+            f"{both[0]!r} is both targeted (target_modules={_short(cfg.target_modules)}) and selected by "
+            f"modules_to_save={_short(cfg.modules_to_save)} (a suffix match, PEFT's rule); a layer can be adapted or "
+            "trained in full, not both. Exclude it from target_modules, or name the module to save by its full path."
+        )
+
+
+def _short(value: object, limit: int = 80) -> str:
+    return shorten(repr(sorted(value) if isinstance(value, set) else value), limit)
+
+
+def _warn_unmatched(config: IA3Config, layers: Sequence[Layer], targets: dict[str, Target], names: Sequence[str]) -> None:
+    """Warn about each entry the user gave (not a default) that selects nothing: a typo there
+    would otherwise adapt silently less than intended."""
+    unmatched: list[str] = []
+    tm, ff = config.target_modules, config.feedforward_modules
+    missing_targets: set[str] = set()
+    if isinstance(tm, (set, list)):
+        layer_names = [ly.name for ly in layers]
+        missing_targets = {e for e in tm if not any(_matches(n, [e]) for n in layer_names)}
+        unmatched += [f"target_modules entry {e!r}" for e in sorted(missing_targets)]
+    if isinstance(ff, str):
+        if not any(re.fullmatch(ff, t) for t in targets):
+            unmatched.append(f"feedforward_modules regex {ff!r}")
+    elif ff:  # PEFT's rule: a plain suffix of a target's name
+        unmatched += [
+            f"feedforward_modules entry {e!r}"
+            for e in sorted(ff)
+            if e not in missing_targets and not any(t.endswith(e) for t in targets)
+        ]
+    for m in config.modules_to_save or ():
+        if not _modules_to_save(names, [m]):
+            unmatched.append(f"modules_to_save entry {m!r}")
+    for what in unmatched:
+        warnings.warn(f"{what} matches no layer of this model; check its spelling", stacklevel=4)
 
 
 def _graph_module_names(sites: Sequence[CallSite]) -> list[str]:

@@ -5,7 +5,7 @@ modules, GraphModules, ExportedPrograms) and are what drawing, export and merged
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from .capture import _copy_graph, accepts, input_signature, normalize_inputs, tr
 from .passes import cleanup_graph, fold_scales, insert_scales, redirect_modules_to_save, slot_attr
 from .passes._graph import SAVED_ROOT, container, set_module, set_tensor
 from .passes._lazy import batched, realize
-from .sites import CallSite, find_call_sites, get_attr_path
+from .sites import CallSite, check_targets_scaled, find_call_sites, get_attr_path
 
 
 def _rebind_tensor(owner: nn.Module, attr: str, value: torch.Tensor) -> None:
@@ -120,6 +120,12 @@ class WholeGraphMixin:
                 set_module(graph, f"{SAVED_ROOT}.{module}", self._saved_value(module))
 
     def _rebind_all(self) -> None:
+        """Bind every graph's slots to what the adapter state says now. Exclusive: a forward in
+        another thread sees the bindings before or after, never a slot half rebound."""
+        with GATE.exclusive():
+            self._rebind_all_now()
+
+    def _rebind_all_now(self) -> None:
         # slot maps are built once per rebind, so that switching costs O(call sites), not O(n²)
         live = self._live_slots()
         counts: dict[Slot, int] = {}
@@ -137,6 +143,8 @@ class WholeGraphMixin:
         with batched(graph):  # one lint at the end, one code generation at the first call
             cleanup_graph(graph)
             raw = sites if sites is not None else find_call_sites(graph)
+            if sites is None:  # a later capture (the first one was checked with its adapter)
+                check_targets_scaled(graph, raw, {layer for layer, _ in self._all_slots()})
             slots = self._all_slots()
             insert_scales(graph, raw, slots)
             saved = self._all_saved()
@@ -144,6 +152,14 @@ class WholeGraphMixin:
         info = graph.meta.setdefault("ia3fx", {})
         info.update(raw_sites=raw, slots=list(slots), saved=list(saved))
         self._bind(graph)
+
+    def _check_scaled(self, targets: Iterable[str], graph: GraphModule | None = None) -> None:
+        """Before an adapter is added: every graph it will run in must have a call site for each
+        of its layers (see :func:`~ia3fx.sites.check_targets_scaled`)."""
+        if graph is not None:
+            check_targets_scaled(graph, self._sites0, targets)
+        for g in self._flat_graphs():
+            check_targets_scaled(g, g.meta["ia3fx"]["raw_sites"], targets)
 
     def _extend_graphs(self) -> None:
         """After a new adapter: add its slots and redirects to every graph captured so far."""
@@ -171,16 +187,26 @@ class WholeGraphMixin:
         if not self._retraceable:
             return self._graphs[self._graph_key][0]
         mode = self.training if train is None else train
-        with CAPTURE_LOCK:
-            for key in ((mode, input_signature(args, kwargs)), (mode, _ANY)):
-                for graph in self._graphs.get(key, ()):
-                    if accepts(graph, args, kwargs):
-                        return graph
-            with GATE.exclusive():  # an export: no other thread may run a model meanwhile
-                graph = trace(self.model, (args, kwargs) if (args or kwargs) else None, train=mode, dynamic=self._dynamic)
-            self._install(graph)
-            self._graphs.setdefault(self._cache_key(graph, mode), []).append(graph)
+        keys = ((mode, input_signature(args, kwargs)), (mode, _ANY))
+        graph = self._cached_graph(keys, args, kwargs)
+        if graph is not None:
             return graph
+        # the gate before the lock, in the order block captures take them: a capture is an export,
+        # and no other thread may run a model meanwhile
+        with GATE.exclusive(), CAPTURE_LOCK:
+            graph = self._cached_graph(keys, args, kwargs)
+            if graph is None:
+                graph = trace(self.model, (args, kwargs) if (args or kwargs) else None, train=mode, dynamic=self._dynamic)
+                self._install(graph)
+                self._graphs.setdefault(self._cache_key(graph, mode), []).append(graph)
+            return graph
+
+    def _cached_graph(self, keys: Sequence[tuple], args: tuple, kwargs: dict) -> GraphModule | None:
+        for key in keys:
+            for graph in self._graphs.get(key, ()):
+                if accepts(graph, args, kwargs):
+                    return graph
+        return None
 
     def _flat_graphs(self) -> list[GraphModule]:
         return [g for graphs in self._graphs.values() for g in graphs]

@@ -281,3 +281,106 @@ def test_add_weighted_adapter_refuses_weights_that_are_not_finite_numbers(weight
         ia3.add_weighted_adapter(["default"], [0.5], "a/b")
     ia3.add_weighted_adapter(["default"], [torch.tensor(0.5)], "w")  # a 0-d tensor is a number
     assert torch.allclose(ia3.ia3_l["w"][next(iter(ia3.ia3_l["w"].keys()))], torch.tensor(0.5))
+
+
+# --- what a config selects ---------------------------------------------------------------------
+def test_a_layer_both_targeted_and_saved_is_refused_as_peft_does():
+    """DistilBERT: ``classifier`` suffix-matches ``pre_classifier`` (PEFT's wrapping rule), which is
+    also a target; merging would fold its vector into the original and then swap in the copy."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, hidden_dim=64))
+    kwargs = {"task_type": "SEQ_CLS", "target_modules": ["q_lin", "lin2", "pre_classifier"], "feedforward_modules": ["lin2"]}
+    import peft
+
+    with pytest.raises(TypeError):
+        peft.get_peft_model(copy.deepcopy(model), peft.IA3Config(**kwargs))
+    flags = _flags(model)
+    with pytest.raises(TypeError, match=r"'pre_classifier' is both targeted .* modules_to_save"):
+        ia3fx.get_ia3_model(model, ia3fx.IA3Config(**kwargs))
+    assert _flags(model) == flags
+    with pytest.raises(TypeError, match="pre_classifier"):
+        ia3fx.plan(model, ia3fx.IA3Config(**kwargs))
+    kwargs["target_modules"] = ["q_lin", "lin2"]  # without the overlap: adapted, and the head saved
+    ia3 = ia3fx.get_ia3_model(model, ia3fx.IA3Config(**kwargs))
+    assert ia3._selections["default"].modules_to_save == ["pre_classifier", "classifier"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, phrase",
+    [
+        ({"target_modules": ["k_proj", "v_projj"], "feedforward_modules": []}, "target_modules entry 'v_projj'"),
+        ({"target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj", "up_proj"]}, None),
+        ({"target_modules": ["k_proj", "down_proj"], "feedforward_modules": r".*\.mlp\.up_proj"}, "feedforward_modules regex"),
+        ({"target_modules": ["k_proj"], "feedforward_modules": [], "modules_to_save": ["lm_haed"]}, "modules_to_save entry 'lm_haed'"),
+    ],
+)
+def test_an_entry_that_selects_nothing_is_warned(kwargs, phrase, recwarn):
+    if phrase is None:  # an IA3Config check already refuses feedforward names that are no targets
+        with pytest.raises(ValueError, match="subset"):
+            ia3fx.IA3Config(**kwargs)
+        return
+    ia3fx.get_ia3_model(tiny_llama(), ia3fx.IA3Config(**kwargs))
+    messages = [str(w.message) for w in recwarn]
+    assert any(phrase in m and "matches no layer" in m for m in messages), messages
+
+
+def test_defaults_that_match_warn_nothing(recwarn):
+    ia3fx.get_ia3_model(tiny_llama(), ia3fx.IA3Config(task_type="CAUSAL_LM"))
+    assert not [w for w in recwarn if "matches no layer" in str(w.message)]
+
+
+# --- threads -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["whole-graph", "blocks"])
+def test_merging_in_one_thread_while_another_runs_forwards(kind):
+    """Each forward sees the adapter either merged or not, never half: its output is the adapted
+    model's either way (to fp32 rounding of the folded weights), and nothing raises."""
+    import threading
+
+    if kind == "blocks":
+        model = tiny_llama()
+        model.config.use_cache = False
+        ia3 = ia3fx.get_ia3_model(model, ia3fx.IA3Config(init_ia3_weights=False))
+        inputs = token_inputs("llama")
+        call = lambda: ia3(**inputs).logits  # noqa: E731
+    else:
+        ia3 = ia3fx.get_ia3_model(custom_model("MLP"), ia3fx.IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"], init_ia3_weights=False))
+        x = torch.randn(9, 10)
+        call = lambda: ia3(x)  # noqa: E731
+    ia3.eval()
+    with torch.no_grad():
+        reference = call()
+    errors: list[BaseException] = []
+    outputs: list[torch.Tensor] = []
+    stop = threading.Event()
+
+    def forwards() -> None:
+        try:
+            while not stop.is_set():
+                with torch.no_grad():
+                    outputs.append(call())
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def merges() -> None:
+        try:
+            for _ in range(15):
+                ia3.merge_adapter()
+                ia3.unmerge_adapter()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            stop.set()
+
+    threads = [threading.Thread(target=forwards), threading.Thread(target=merges)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, repr(errors[0])
+    assert outputs
+    for out in outputs:
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    assert ia3.merged_adapters == []

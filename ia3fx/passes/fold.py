@@ -54,7 +54,7 @@ def _readers(gm: GraphModule, tensor: torch.Tensor, skip: set[str]) -> list[str]
 
 
 def _check_unshared(gm: GraphModule, layer: str, sites: list[CallSite], weight: torch.Tensor) -> None:
-    readers = _readers(gm, weight, {s.node for s in sites})
+    readers = _readers(gm, weight, {n for s in sites for n in (s.node, *s.reads)})
     if readers:
         raise SharedWeightError(
             f"cannot fold the vector of {layer!r}: its weight {sites[0].weight!r} is also read by "

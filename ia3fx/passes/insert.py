@@ -95,7 +95,8 @@ def insert_scales(
             if placement in done:
                 result.already_scaled += 1
                 continue
-            mul = _insert(gm, node, site, placement, slots[slot], cast)
+            at = nodes[site.output] if placement == "output" and site.output else node
+            mul = _insert(gm, at, site, placement, slots[slot], cast)
             node.meta["ia3fx_scaled"] = (*done, placement)  # a new tuple: graph copies share meta
             result.inserted.setdefault(slot, []).append(mul.name)
     graph.lint()
@@ -131,7 +132,7 @@ def _insert(gm: GraphModule, node: Node, site: CallSite, placement: str, vec: to
         src = node
     new = [v, mul] + ([last] if cast else [])
     for n, role in zip(new, ("vector", "scale", "cast")):
-        tag(n, node, role=role, layer=site.name, scale=placement, site=node.name)
+        tag(n, node, role=role, layer=site.name, scale=placement, site=site.node)
     if "val" in src.meta:
         last.meta["val"] = src.meta["val"]
     return mul
