@@ -14,6 +14,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .adapter_store import PEFT_PREFIX, _key
+from .blocks import GATE
 from .config import IA3Config
 from .errors import AdapterLoadError, NoMatchingModuleError
 from .targeting import Selection, select_targets
@@ -125,11 +126,11 @@ class AdapterFilesMixin:
                 "outputs through them are NaN/inf, and safe_merge refuses to merge them",
                 stacklevel=2,
             )
-        with torch.no_grad():
+        with GATE.exclusive(), torch.no_grad():  # forwards in other threads see old or new vectors
             for k, (t, _) in expected.items():
                 t.copy_(given[k].reshape(t.shape))
-        if self._product_slots:
-            self._rebind_all()
+            if self._product_slots:
+                self._rebind_all()
 
     def _config_to_save(self, adapter: str) -> IA3Config:
         """The adapter's config as PEFT can reload it, selecting the same layers (see ``io.config_for_peft``)."""
@@ -169,7 +170,9 @@ class AdapterFilesMixin:
 
         Like PEFT's ``save_pretrained``, every adapter by default, or ``selected_adapters``, or the
         one ``adapter_name``. ``default`` goes into ``save_directory``, any other adapter into
-        ``save_directory/<name>/``. Each adapter's files are replaced atomically.
+        ``save_directory/<name>/``. Each adapter's files are replaced atomically: whatever happens, even a
+        kill, ia3fx then reads one complete old or new version (a save killed during its renames is
+        finished by the next ia3fx save or read of the directory; see :mod:`ia3fx.atomic_files`).
 
         Called as transformers' Trainer calls it (with ``is_main_process``), the directory also gets
         ``model.safetensors`` holding the same adapter tensors under this model's own state-dict

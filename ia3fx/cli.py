@@ -1,31 +1,64 @@
 """``ia3fx`` command line: plan and demo on a built-in preset or a local transformers model.
 
-Every command exits non-zero with a one-line reason on error.
+Every error is one line on stderr, ``ia3fx <command>: error: <reason>``, and a non-zero exit: 2 for
+bad input or a failed read or write, 1 for an unexpected error (``IA3FX_DEBUG=1`` shows its
+traceback), 130 when interrupted. Warnings are one line each too.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import json
+import math
 import os
+import re
+import shutil
 import sys
 import time
+import traceback
 import warnings
+import zipfile
 from collections.abc import Sequence
+from subprocess import SubprocessError
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from .config import IA3Config
+from .config import CONFIG_NAME, IA3Config
 from .errors import IA3Error
 from .presets import DEFAULT_PRESET, PRESETS, build_preset, model_from_config
 
-__all__ = ["main", "load_model", "config_from_args"]
+__all__ = ["main", "load_model", "config_from_args", "DEBUG_ENV"]
+
+DEBUG_ENV = "IA3FX_DEBUG"  # set to 1: a traceback on stderr before the error line
+SHOWN_CHARS = 80  # user strings echoed in a message are cut to this length
+LINE_CHARS = 500  # an error line is cut to this length (the debug traceback has all of it)
+
+
+def _cut(text: str, limit: int = SHOWN_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _shown(value: Any) -> str:
+    """A user-given string (a path, a name) as it is echoed in a message: quoted, cut to a readable length."""
+    return repr(_cut(os.fspath(value) if isinstance(value, os.PathLike) else str(value)))
 
 
 def load_model(spec: str) -> nn.Module:
     """A preset name, a transformers model directory, or a transformers config JSON file."""
     if spec in PRESETS:
         return build_preset(spec)
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise ValueError(f"model directory {_shown(spec)} has no config.json: pass a transformers model "
+                             f"directory, its config.json, or a preset ({', '.join(PRESETS)})")
+    elif not (os.path.isfile(spec) and spec.endswith(".json")):
+        what = "it is a file not ending in .json" if os.path.exists(spec) else "no such file or directory"
+        raise ValueError(f"model {_shown(spec)} is neither a preset ({', '.join(PRESETS)}), a transformers model "
+                         f"directory, nor a config .json file ({what})")
     from transformers import AutoConfig
 
     if os.path.isdir(spec):
@@ -38,17 +71,28 @@ def load_model(spec: str) -> nn.Module:
             cls = getattr(transformers, arch, transformers.AutoModelForCausalLM)
             return cls.from_pretrained(spec).eval()
         return model_from_config(config)
-    if os.path.isfile(spec) and spec.endswith(".json"):
-        return model_from_config(AutoConfig.from_pretrained(spec))
-    raise ValueError(
-        f"model {spec!r} is neither a preset ({', '.join(PRESETS)}), a directory, nor a config .json file"
-    )
+    return model_from_config(AutoConfig.from_pretrained(spec))
+
+
+def _check_out(path: str, flag: str = "--out", *, directory: bool = False) -> None:
+    """Refuse an output path that cannot be written before any work: a file where a directory of
+    the path belongs, an existing file where ``directory`` is wanted, or a parent not writable.
+    Missing directories are fine (the commands create them)."""
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {_shown(path)} is a file; a directory is needed: choose another {flag}")
+    parent = os.path.dirname(os.path.normpath(path)) or "."
+    while not os.path.exists(parent):  # the nearest existing directory above, as the user wrote it
+        parent = os.path.dirname(parent) or "."
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {_shown(path)}: {_shown(parent)} is a file, not a directory: choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {_shown(path)}: directory {_shown(parent)} is not writable: choose another {flag}")
 
 
 def _add_adapter_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="adapter_config.json (PEFT format) to take the settings from")
     p.add_argument("--target-modules", nargs="+", help="names (exact or .-suffix), or one regex / all-linear")
-    p.add_argument("--feedforward-modules", nargs="*", help="targets whose input is scaled")
+    p.add_argument("--feedforward-modules", nargs="*", help="targets whose input is scaled (each also in --target-modules)")
     p.add_argument("--exclude-modules", nargs="+")
     p.add_argument("--modules-to-save", nargs="+")
     p.add_argument("--task-type", choices=["SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"])
@@ -62,9 +106,51 @@ def _patterns(values: list[str] | None) -> list[str] | str | None:
     return values
 
 
+def _read_config(path: str) -> dict[str, Any]:
+    """``--config``: an ``adapter_config.json`` file or a directory holding one, as a dict."""
+    file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        where = f"directory {_shown(path)} has no {CONFIG_NAME}" if os.path.isdir(path) else f"{_shown(path)} not found"
+        raise ValueError(f"--config: {where}: pass a PEFT {CONFIG_NAME} or the adapter directory holding it")
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--config {_shown(file)} is not valid JSON ({e}): pass a PEFT {CONFIG_NAME}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {_shown(file)} holds a JSON {type(data).__name__}, not an object of "
+                         f"IA3Config fields: pass a PEFT {CONFIG_NAME}")
+    return data
+
+
+def _check_feedforward(config: IA3Config, args: argparse.Namespace) -> None:
+    """The API's rule for a config given here: ``IA3Config(target_modules=..., feedforward_modules=...)``
+    raises when a feedforward name is not a target (``from_dict`` lets a saved file through)."""
+    ff, targets = config.feedforward_modules, config.target_modules
+    try:
+        IA3Config(target_modules=targets, feedforward_modules=ff)
+    except ValueError as e:
+        if not (isinstance(ff, set) and isinstance(targets, set)):
+            raise
+        missing, names = _cut(" ".join(sorted(ff - targets))), _cut(" ".join(sorted(targets)))
+        if args.feedforward_modules is None:  # the targets given as a flag, the feedforward names from --config
+            raise ValueError(
+                f"--target-modules ({names}) leaves out the feedforward modules of --config {_shown(args.config)} "
+                f"({missing}): {e}; give --feedforward-modules too (with no name for none), or add them to "
+                "--target-modules"
+            ) from e
+        source = "--target-modules" if args.target_modules is not None else f"the targets of --config {_shown(args.config)}"
+        raise ValueError(
+            f"--feedforward-modules {missing} not in {source} ({names}): {e}; add the name to --target-modules too, "
+            "or leave it out of --feedforward-modules"
+        ) from e
+
+
 def config_from_args(args: argparse.Namespace) -> IA3Config:
-    """PEFT-named flags override what ``--config`` says; nothing given means PEFT's defaults."""
-    base = IA3Config.from_pretrained(args.config).to_dict() if args.config else {}
+    """PEFT-named flags override what ``--config`` says; nothing given means PEFT's defaults.
+
+    A ``--feedforward-modules`` name that is not in the targets raises, as ``IA3Config`` does."""
+    base = _read_config(args.config) if args.config else {}
     for key in ("target_modules", "feedforward_modules", "exclude_modules"):
         value = getattr(args, key)
         if value is not None:
@@ -74,14 +160,17 @@ def config_from_args(args: argparse.Namespace) -> IA3Config:
     if args.task_type is not None:
         base["task_type"] = args.task_type
     base.pop("peft_version", None)
-    return IA3Config.from_dict(base)
+    config = IA3Config.from_dict(base)
+    if args.target_modules is not None or args.feedforward_modules is not None:
+        _check_feedforward(config, args)
+    return config
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .model import plan
 
-    model = load_model(args.model)
-    print(plan(model, config_from_args(args)).table())
+    config = config_from_args(args)  # the flags are checked before the model is built
+    print(plan(load_model(args.model), config).table())
     return 0
 
 
@@ -101,7 +190,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .model import get_ia3_model
 
     if args.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+        raise ValueError(f"--steps must be at least 1, got {args.steps}: pass how many training steps to run (default 40)")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a positive number, got {args.lr}: try the default 0.05")
+    _check_out(args.out, directory=True)
     torch.manual_seed(0)
     model = build_preset(args.preset)
     if not hasattr(model, "lm_head"):
@@ -152,7 +244,6 @@ def _demo_train(ia3: nn.Module, batches: list[torch.Tensor], lr: float) -> list[
 
 
 def _demo_draw(ia3: nn.Module, out: str) -> str:
-    import shutil
 
     from .viz import draw
 
@@ -184,8 +275,9 @@ def _demo_export(ia3: nn.Module, out: str, prompt: torch.Tensor, adapted: torch.
 def cmd_merge(args: argparse.Namespace) -> int:
     from .offline import merge_checkpoint
 
+    _check_out(args.out, directory=True)
     try:
-        report = merge_checkpoint(args.base, args.adapter, args.out, force=args.force)
+        report = merge_checkpoint(args.base, args.adapter, args.out, force=args.force, safe=args.safe)
     except KeyboardInterrupt:
         print(f"ia3fx merge: interrupted; {args.out} was not written", file=sys.stderr)
         return 130
@@ -231,9 +323,9 @@ def _load_for_graph(args: argparse.Namespace) -> nn.Module:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from .config import CONFIG_NAME
     from .model import get_ia3_model
 
+    _check_out(args.out, directory=True)
     if os.path.isfile(os.path.join(args.out, CONFIG_NAME)) and not args.force:
         raise ValueError(f"{args.out} already holds an adapter; pass --force to replace it")
     config = config_from_args(args)
@@ -264,6 +356,9 @@ def cmd_viz(args: argparse.Namespace) -> int:
     suffix = os.path.splitext(args.out)[1].lower()
     if suffix not in _SOURCE + tuple(_BITMAP):
         raise ValueError(f"cannot tell the format from --out {args.out!r}: use .svg, .png, .pdf or .dot")
+    _check_out(args.out)
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {_shown(args.out)} is a directory: pass a file path such as graph{suffix}")
     config = config_from_args(args)
     progress = _Progress("viz", ["load model", "trace and rewrite", f"draw {suffix}"])
     try:
@@ -283,8 +378,6 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    import json
-
     from .analysis import report
 
     config = config_from_args(args)
@@ -301,6 +394,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
     from .export import export
     from .io import read_adapter_files
     from .model import get_ia3_model
@@ -316,40 +411,80 @@ def cmd_export(args: argparse.Namespace) -> int:
     given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
     if args.adapter and given:
         raise ValueError(f"--adapter takes its settings from {args.adapter}; drop {', '.join(given)}")
-    model = load_model(args.model)
+    _check_out(args.out)
     if args.adapter:
         config, tensors = read_adapter_files(args.adapter)
-        ia3 = get_ia3_model(model, config)
-        ia3.load_adapter_state_dict(tensors)
     else:
-        ia3 = get_ia3_model(model, config_from_args(args))
+        config, tensors = config_from_args(args), None
+    model = load_model(args.model)
+    ia3 = get_ia3_model(model, config)
+    if tensors is not None:
+        ia3.load_adapter_state_dict(tensors)
     stages = ["export the graph" + (" with its KV cache" if args.for_generation else ""),
               "write the pt2 archive" if args.format == "pt2" else "convert to ONNX"]
     progress = _Progress("export", stages)
     t0 = time.perf_counter()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' shard bar goes to stderr even when it is no terminal
     try:
         path = export(ia3, args.out, format=args.format, merged=not args.unmerged, overwrite=args.force,
                       for_generation=args.for_generation, batch_size=1 if args.batch_size is None else args.batch_size,
                       max_cache_len=args.max_cache_len, progress=progress.step)
     finally:
         progress.close()
+        if bars:
+            hf_logging.enable_progress_bar()
     how = "scale nodes kept" if args.unmerged else "merged"
     kind = ", for generation with a KV cache" if args.for_generation else ""
     print(f"wrote {path} ({args.format}{kind}, {how}, {len(ia3.targets)} adapted layers) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
+def _check_program(exported: str) -> None:
+    """A ``.pt2`` that is no zip archive is refused here, before torch logs a traceback reading it."""
+    from .swap import program_file
+
+    path = program_file(exported)
+    if path.endswith(".pt2") and not zipfile.is_zipfile(path):
+        raise ValueError(f"{_shown(path)} is not a .pt2 archive (truncated, or not written by torch.export): "
+                         "export it again with ia3fx export --for-generation --unmerged")
+
+
+def _protobuf_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from google.protobuf.message import DecodeError
+    except ImportError:  # no onnx installed: nothing of the kind can be raised
+        return ()
+    return (DecodeError,)
+
+
 def cmd_swap_adapter(args: argparse.Namespace) -> int:
     from .swap import read_manifest, swap_adapter
 
-    path = swap_adapter(args.exported, args.adapter, args.out, overwrite=args.force)
+    _check_out(args.out)
+    _check_program(args.exported)
+    try:
+        path = swap_adapter(args.exported, args.adapter, args.out, overwrite=args.force)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{_shown(args.exported)} is not a readable .pt2 archive ({e}): is it truncated? "
+                         "Export it again with ia3fx export --for-generation --unmerged") from e
+    except _protobuf_errors() as e:  # onnx.load of a file that is no ONNX model
+        raise ValueError(f"{_shown(args.exported)} is not a readable ONNX model ({e}): export it again with "
+                         "ia3fx export --format onnx --for-generation --unmerged") from e
     n = len(read_manifest(path)["vectors"])
     print(f"wrote {path}: {args.exported} with the {n} vectors of {args.adapter}")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line (``ia3fx demo: error: ...``), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {_cut(' '.join(message.split()), LINE_CHARS)}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ia3fx", description="(IA)³ adapters by graph rewriting")
+    parser = _Parser(prog="ia3fx", description="(IA)³ adapters by graph rewriting")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="show which call sites a config would scale, as a table")
     p.add_argument("model", help=f"preset ({', '.join(PRESETS)}), transformers directory, or config .json")
@@ -367,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True, help="PEFT IA3 adapter directory")
     m.add_argument("--out", required=True, help="directory to write the merged checkpoint to")
     m.add_argument("--force", action="store_true", help="replace --out if it exists (once the new one is complete)")
+    m.add_argument("--safe", action="store_true",
+                   help="refuse an adapter whose vectors hold NaN or inf (PEFT's safe_merge); nothing is written")
     m.set_defaults(func=cmd_merge)
     model_help = f"preset ({', '.join(PRESETS)}), transformers directory, or config .json"
     meta_help = "build the model from its config on the meta device: no weights read or allocated (big models)"
@@ -419,15 +556,88 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# --- errors ------------------------------------------------------------------------------------------
+# Bad input and failed reads or writes: the command's own checks (ValueError, IA3Error), the API's
+# (TypeError for a wrong-typed config field, KeyError for an unknown name, RuntimeError and its torch
+# subclasses, NotImplementedError), the filesystem (OSError), and the readers' own types.
+_INPUT_ERRORS = (
+    ValueError, OSError, RuntimeError, KeyError, TypeError, NotImplementedError, IA3Error,
+    re.error, SafetensorError, zipfile.BadZipFile, SubprocessError,
+)
+_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_OS_HINTS = {
+    errno.ENOENT: "check the path",
+    errno.EACCES: "choose a path you may write (or read)",
+    errno.EPERM: "choose a path you may write (or read)",
+    errno.EROFS: "choose another --out",
+    errno.ENOTDIR: "a file stands where the path needs a directory",
+    errno.EISDIR: "a directory stands where a file is needed",
+    errno.EEXIST: "a file stands where a directory is needed, or --force is needed",
+}
+
+
+def _full_disk(strerror: str, path: str | None) -> str:
+    where = f" writing {_shown(path)}" if path else ""
+    return f"{strerror}{where}: the disk is full or a file size limit was reached; free some space or choose another --out"
+
+
+def _reason(e: BaseException, args: argparse.Namespace) -> str:
+    """The error's first line, with the file and what to do for the filesystem's and readers' errors."""
+    out = getattr(args, "out", None)
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:
+        if e.errno in _FULL:  # --out rather than the name of a temporary file inside it
+            return _full_disk(e.strerror, out or e.filename)
+        hint = _OS_HINTS.get(e.errno)
+        name = f"{_shown(e.filename)}: " if e.filename else ""
+        return f"{name}{e.strerror}" + (f": {hint}" if hint else "")
+    text = str(e).strip()
+    if isinstance(e, SafetensorError):
+        m = re.search(r"\(os error (\d+)\)", text)
+        if m and int(m.group(1)) in _FULL:
+            return _full_disk(os.strerror(int(m.group(1))), out)
+        return f"safetensors: {text.splitlines()[0] if text else type(e).__name__}"
+    if isinstance(e, re.error):
+        return f"invalid regular expression {_shown(e.pattern)}: {e.msg}"
+    if isinstance(e, KeyError) and len(e.args) == 1:
+        text = str(e.args[0])
+    if not text:
+        return type(e).__name__
+    return text.splitlines()[0]
+
+
+def _warn_line(command: str):
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = " ".join(str(message).split())
+        print(f"ia3fx {command}: warning: {_cut(text, LINE_CHARS)}", file=sys.stderr)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    prefix = f"ia3fx {args.command}"
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*token_id.*")
+            warnings.showwarning = _warn_line(args.command)
             return args.func(args)
-    except (ValueError, OSError, RuntimeError, KeyError, TypeError, NotImplementedError, IA3Error) as e:
-        print(f"ia3fx {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except _INPUT_ERRORS as e:
+        if debug:
+            traceback.print_exc()
+        print(f"{prefix}: error: {_cut(_reason(e, args), LINE_CHARS)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug: one line, and how to see where
+        if debug:
+            raise
+        print(f"{prefix}: error: unexpected {type(e).__name__}: {_cut(_reason(e, args), LINE_CHARS)} "
+              f"(a bug in ia3fx? rerun with {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from .atomic_files import temp_path
 from .errors import shorten
 
 __all__ = [
@@ -232,6 +233,10 @@ class IA3Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IA3Config:
         """Build from a PEFT config dict; unknown keys are dropped with a warning, as PEFT does."""
+        if not isinstance(data, dict):
+            raise TypeError(
+                f"an IA3 config is a JSON object of IA3Config fields, got a {type(data).__name__}: {_shown(data)}"
+            )
         peft_type = data.get("peft_type", "IA3")
         if str(peft_type) != "IA3":
             raise ValueError(
@@ -263,10 +268,10 @@ class IA3Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` (atomically: temporary file, then rename)."""
+        """Write ``adapter_config.json`` (atomically: a temporary of ia3fx's pattern, then rename)."""
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
-        tmp = path + ".tmp"
+        tmp = temp_path(save_directory, CONFIG_NAME)  # a kill leaves it to the next save's cleanup
         try:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(self.to_json_string())
@@ -285,8 +290,10 @@ class IA3Config:
         with open(file, encoding="utf-8") as f:
             try:
                 data = json.load(f)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{file} is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{file} holds a JSON {type(data).__name__}, not an object of IA3Config fields")
         return cls.from_dict(data)
 
     def copy(self) -> IA3Config:

@@ -15,18 +15,20 @@ base model's operations only. ``merged=False`` keeps the scale nodes, and the ve
 parameters of the exported program (``ia3_l.<layer>.<input|output>``).
 
 Nothing is written to the model: merged tensors are computed beside the live ones. Every output
-is written under a temporary name next to ``path`` and renamed into place when complete, and an
-existing ``path`` is only replaced with ``overwrite=True``.
+is written under a temporary name next to ``path`` (``.<name>.ia3fx-<host>-<pid>-<token>.partial``)
+and moved into place when complete (:func:`ia3fx.atomic_files.move_into_place`), and an existing
+``path`` is only replaced with ``overwrite=True``. Each export first puts right what a killed
+export, swap or merge to the same ``path`` left (:func:`ia3fx.atomic_files.recover_place`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -35,8 +37,8 @@ import torch
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
+from .atomic_files import move_into_place, recover_place, staging_directory
 from .capture import _dim_spec, _dynamic_shapes, _training_mode, is_transformers_model, normalize_inputs
-from .io import move_into_place
 from .model import IA3Model
 from .passes._lazy import realize
 
@@ -312,11 +314,12 @@ def export(
         raise ValueError(f"max_cache_len must be an int >= 2, got {max_cache_len!r}")
     say = progress or (lambda stage: None)
     out = os.path.abspath(os.fspath(path))
+    recover_place(out)  # a killed replacement of out put right, killed writes' leftovers removed
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (ia3fx export --force) to replace it")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    tmp = staging_directory(parent, os.path.basename(out))
     try:
         if format == "transformers":
             staged = os.path.join(tmp, "checkpoint")
@@ -356,12 +359,65 @@ def export(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class _WriteErrorKept(io.RawIOBase):
+    """A file for torch's pt2 writer that keeps the first write error instead of raising it: a
+    writer that sees its stream fail aborts the whole process from a C++ destructor (a full disk
+    would kill the caller), so the error is raised once the writer has finished. After an error
+    the position is kept by count, so that the writer's seeks and tells still agree."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__()
+        self.file, self.error = file, None
+        self.pos = self.end = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def _try(self, op: Callable[[], Any]) -> None:
+        if self.error is None:
+            try:
+                op()
+            except OSError as e:
+                self.error = e
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self._try(lambda: self.file.write(data))
+        self.pos += len(data)
+        self.end = max(self.end, self.pos)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self.pos = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.end}[whence] + offset
+        self._try(lambda: self.file.seek(self.pos))
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        self._try(self.file.flush)
+
+
+def save_pt2(program: torch.export.ExportedProgram, path: str, extra_files: dict[str, str] | None = None) -> None:
+    """``torch.export.save`` to ``path``; a failed write (a full disk) is an ``OSError`` naming it."""
+    with open(path, "wb") as f:
+        kept = _WriteErrorKept(f)
+        torch.export.save(program, kept, extra_files=extra_files)
+        if kept.error is not None:
+            raise kept.error
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _write_program(ep: torch.export.ExportedProgram, meta: dict | None, format: str, file: str,
                    say: Callable[[str], None], model: IA3Model) -> None:
     if format == "pt2":
         say("write the pt2 archive")
         extra = {METADATA_KEY: json.dumps(meta)} if meta is not None else None
-        torch.export.save(ep, file, extra_files=extra)
+        save_pt2(ep, file, extra)
     elif meta is not None:
         say("convert to ONNX")
         _write_onnx_with_past(ep, file, meta)

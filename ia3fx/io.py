@@ -5,13 +5,13 @@ any other into ``<directory>/<adapter name>/``. Tensors are keyed
 ``base_model.model.<module>.ia3_l`` (and ``base_model.model.<module>.<param>`` for
 ``modules_to_save``), shaped as PEFT stores them.
 
-Writes are atomic per adapter: every file goes to a temporary name in the target directory first;
-only when all are written are they renamed into place, and if a rename fails the files already
-replaced are put back. A failure or an interrupt (``KeyboardInterrupt``) therefore leaves the
-previous files as they were, and no temporary file behind.
-
 Reading accepts ``adapter_model.safetensors`` or, failing that, ``adapter_model.bin`` through
 ``torch.load(weights_only=True)``: no other pickle is ever loaded.
+
+Saves are atomic as a set, even across a kill: every file is written to a temporary next to its
+final name, then all are committed under a journal (:func:`ia3fx.atomic_files.commit_files`), and
+a save or a read first finishes a save into the directory that a kill interrupted. Why and how:
+:mod:`ia3fx.atomic_files`.
 """
 
 from __future__ import annotations
@@ -19,14 +19,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
-import shutil
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic_files import (
+    clean_stale_temporaries,
+    commit_files,
+    discard_staged,
+    finish_interrupted_save,
+    fsync_file,
+    settled_view,
+    temp_path,
+)
 from .config import CONFIG_NAME, IA3Config
 from .errors import AdapterLoadError
 
@@ -37,6 +44,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "BIN_WEIGHTS_NAME",
     "adapter_directory",
+    "adapter_file",
     "config_for_peft",
     "peft_can_reload",
     "save_adapter_files",
@@ -54,92 +62,6 @@ def adapter_directory(save_directory: str | os.PathLike, adapter_name: str) -> s
 
 
 # --- writing -----------------------------------------------------------------------------------
-def _temp_path(directory: str, name: str, create: bool = True) -> str:
-    """A fresh hidden name next to the final file. Created with mode 0o666 minus the umask (as
-    ``open`` would), not ``mkstemp``'s 0o600, so the renamed file gets the usual permissions."""
-    for _ in range(100):
-        path = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
-        if not create:
-            if not os.path.lexists(path):
-                return path
-            continue
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return path
-    raise FileExistsError(f"no free temporary name for {name} in {directory}")
-
-
-def _fsync(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _remove(path: str | None) -> None:
-    if path and os.path.lexists(path):
-        os.remove(path)
-
-
-def _backup(final: str, directory: str) -> str | None:
-    """A second name for the current ``final`` (a hard link, or a copy where links fail)."""
-    if not os.path.exists(final):
-        return None
-    backup = _temp_path(directory, os.path.basename(final) + ".bak", create=False)
-    try:
-        os.link(final, backup)
-    except OSError:
-        shutil.copy2(final, backup)
-    return backup
-
-
-def move_into_place(staged: str, final: str) -> None:
-    """Rename ``staged`` (a file or a directory) to ``final``. An existing ``final`` is set aside
-    under a fresh name first and removed only once the rename succeeded; if it fails, it is put
-    back. Shared by the exporters and the offline merge, which write whole directories."""
-    old = None
-    if os.path.lexists(final):
-        old = _temp_path(os.path.dirname(final) or ".", os.path.basename(final) + ".old", create=False)
-        os.rename(final, old)
-    try:
-        os.rename(staged, final)
-    except BaseException:
-        if old is not None:
-            os.rename(old, final)
-        raise
-    if old is not None:
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.remove(old)
-
-
-def _commit(staged: list[tuple[str, str]], directory: str) -> None:
-    """Rename every staged file into place; on any failure put the previous files back."""
-    backups: list[tuple[str, str | None]] = []
-    done: list[int] = []
-    try:
-        for _, final in staged:
-            backups.append((final, _backup(final, directory)))
-        for i, (tmp, final) in enumerate(staged):
-            os.replace(tmp, final)
-            done.append(i)
-    except BaseException:
-        for i in reversed(done):
-            final, backup = backups[i]
-            if backup is not None:
-                os.replace(backup, final)
-            else:
-                _remove(final)
-        raise
-    finally:
-        for _, backup in backups:
-            _remove(backup)
-        for tmp, _ in staged:
-            _remove(tmp)
-
-
 def save_adapter_files(
     directory: str | os.PathLike,
     config: IA3Config,
@@ -149,26 +71,30 @@ def save_adapter_files(
     """Write config and tensors into ``directory`` (created if needed), atomically as a set.
 
     ``extra_weights`` maps more safetensors file names to their tensors, written in the same set
-    (the copy of the adapter that transformers' Trainer reads back when resuming).
+    (the copy of the adapter that transformers' Trainer reads back when resuming). A save killed
+    earlier in this directory is finished first and its temporaries are removed
+    (:mod:`ia3fx.atomic_files`).
     """
     directory = os.fspath(directory)
     if os.path.isfile(directory):
         raise ValueError(f"Provided path ({directory}) should be a directory, not a file")
     os.makedirs(directory, exist_ok=True)
+    finish_interrupted_save(directory)
+    clean_stale_temporaries(directory)
     files = {WEIGHTS_NAME: state_dict, **(extra_weights or {})}
     text = config.to_json_string()
     staged: list[tuple[str, str]] = []
     try:
         for name, tensors in files.items():
             tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-            tmp = _temp_path(directory, name)
+            tmp = temp_path(directory, name)
             final = os.path.join(directory, name)
             staged.append((tmp, final))
             mode = os.stat(final if os.path.exists(final) else tmp).st_mode & 0o777
             save_file(tensors, tmp, metadata={"format": "pt"})
             os.chmod(tmp, mode)  # safetensors writes 0o600; keep the file's mode, or the usual one
-            _fsync(tmp)
-        tmp = _temp_path(directory, CONFIG_NAME)
+            fsync_file(tmp)
+        tmp = temp_path(directory, CONFIG_NAME)
         final = os.path.join(directory, CONFIG_NAME)
         staged.append((tmp, final))
         if os.path.exists(final):
@@ -178,10 +104,9 @@ def save_adapter_files(
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
-        for tmp, _ in staged:
-            _remove(tmp)
+        discard_staged(staged)
         raise
-    _commit(staged, directory)
+    commit_files(staged, directory)
 
 
 # --- the config PEFT can reload ----------------------------------------------------------------
@@ -255,9 +180,16 @@ def _adapters_below(directory: str) -> list[str]:
     return [e for e in entries if os.path.isfile(os.path.join(directory, e, CONFIG_NAME))]
 
 
-def _read_config(directory: str) -> IA3Config:
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path):
+def adapter_file(directory: str, name: str, view: Mapping[str, str | None]) -> str | None:
+    """The path to read file ``name`` of ``directory`` from, given
+    :func:`~ia3fx.atomic_files.settled_view`'s ``view`` (``None``: the file is absent)."""
+    return view[name] if name in view else os.path.join(directory, name)
+
+
+def _read_config(directory: str, view: Mapping[str, str | None] | None = None) -> IA3Config:
+    """``directory``'s config (read from where ``view`` says: :func:`~ia3fx.atomic_files.settled_view`)."""
+    path = adapter_file(directory, CONFIG_NAME, view or {})
+    if path is None or not os.path.isfile(path):
         below = _adapters_below(directory)
         hint = (
             f"; it holds adapters in subdirectories {below} (PEFT saves adapters not named 'default' "
@@ -305,16 +237,17 @@ def read_adapter_files(directory: str | os.PathLike) -> tuple[IA3Config, dict[st
     if not os.path.isdir(directory):
         what = "a file" if os.path.isfile(directory) else "missing"
         raise AdapterLoadError(f"{directory} is not an adapter directory ({what})")
-    config = _read_config(directory)
-    st = os.path.join(directory, WEIGHTS_NAME)
-    binary = os.path.join(directory, BIN_WEIGHTS_NAME)
-    if os.path.isfile(st):
+    view = settled_view(directory)  # a save killed midway is finished first: one complete version
+    config = _read_config(directory, view)
+    st = adapter_file(directory, WEIGHTS_NAME, view)
+    binary = adapter_file(directory, BIN_WEIGHTS_NAME, view)
+    if st is not None and os.path.isfile(st):
         try:
             tensors = load_file(st)
         except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
             raise AdapterLoadError(f"{st} is not a readable safetensors file: {e}") from e
         return config, _check_tensors(tensors, st)
-    if os.path.isfile(binary):
+    if binary is not None and os.path.isfile(binary):
         try:
             tensors = torch.load(binary, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - UnpicklingError, EOFError, RuntimeError, ...

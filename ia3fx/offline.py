@@ -19,9 +19,13 @@ How it stays cheap:
 * The fold is :func:`ia3fx.scaling.fold_weight` / :func:`~ia3fx.scaling.fold_bias`, the arithmetic of
   the in-memory merge and of PEFT, so the output is bit-identical to ``merge_and_unload()``.
 
-Everything is written into a temporary sibling of ``out_dir`` that is renamed into place at the
-end: a failure or Ctrl-C leaves no partial output, and with ``force=True`` the previous output
-survives until the new one is complete.
+Everything is written into a temporary sibling of ``out_dir`` (``.<out>.ia3fx-<host>-<pid>-<token>.partial``)
+that is renamed into place at the end: a failure or Ctrl-C leaves no partial output, and with
+``force=True`` the previous output survives until the new one is complete, then the two swap in one
+step (``renameat2(RENAME_EXCHANGE)``, :func:`ia3fx.atomic_files.move_into_place`), so even a kill leaves one
+complete output under ``out_dir``. Where the exchange is unsupported, a kill between the fallback's
+two renames is put right by the next merge to the same place, which also removes what killed
+merges left there (see :mod:`ia3fx.atomic_files`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -42,9 +45,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic_files import move_into_place, recover_place, settled_view, staging_directory
 from .config import CONFIG_NAME, IA3Config
 from .errors import IA3Error
-from .io import move_into_place
 from .scaling import fold_bias, fold_weight, weight_scale
 from .sites import CONV_KINDS
 
@@ -217,6 +220,7 @@ class MergeReport:
     seconds: float = 0.0
     layers: int = 0  # adapted layers
     skipped_files: list[str] = field(default_factory=list)
+    nonfinite_vectors: list[str] = field(default_factory=list)  # adapter keys of vectors with NaN/inf (warned)
 
     def summary(self) -> str:
         mb = self.bytes_written / 2**20
@@ -229,6 +233,11 @@ class MergeReport:
         )
         if self.skipped_files:
             text += f"; not copied: {', '.join(self.skipped_files)}"
+        if self.nonfinite_vectors:
+            text += (
+                f"; WARNING: {len(self.nonfinite_vectors)} vector(s) hold NaN/inf (first "
+                f"{self.nonfinite_vectors[0]}), so do the weights they scale"
+            )
         return text
 
 
@@ -268,16 +277,19 @@ class _Adapter:
 def _read_adapter(adapter_dir: str) -> _Adapter:
     if not os.path.isdir(adapter_dir):
         raise CheckpointError(f"adapter {adapter_dir} is not a directory")
-    if not os.path.isfile(os.path.join(adapter_dir, CONFIG_NAME)):
-        raise CheckpointError(f"{adapter_dir} is not a PEFT adapter directory: it has no {CONFIG_NAME}")
-    from .io import _read_config
+    from .io import _read_config, adapter_file
 
-    config = _read_config(adapter_dir)  # refuses a config without peft_type, or of another type
-    st = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
-    if os.path.isfile(st):
+    view = settled_view(adapter_dir)  # an ia3fx save killed midway is finished first (io's docstring)
+    config_path = adapter_file(adapter_dir, CONFIG_NAME, view)
+    if config_path is None or not os.path.isfile(config_path):
+        raise CheckpointError(f"{adapter_dir} is not a PEFT adapter directory: it has no {CONFIG_NAME}")
+    config = _read_config(adapter_dir, view)  # refuses a config without peft_type, or of another type
+    st = adapter_file(adapter_dir, ADAPTER_WEIGHTS, view)
+    if st is not None and os.path.isfile(st):
         header = read_safetensors_header(st)
         return _Adapter(config, list(header.tensors), header, None)
-    if os.path.isfile(os.path.join(adapter_dir, ADAPTER_BIN)):
+    binary = adapter_file(adapter_dir, ADAPTER_BIN, view)
+    if binary is not None and os.path.isfile(binary):
         from .io import read_adapter_files
 
         _, tensors = read_adapter_files(adapter_dir)
@@ -355,9 +367,10 @@ def _vector_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 
 
 def _plan(
-    base_dir: str, adapter: _Adapter, tensors: dict[str, TensorInfo]
-) -> tuple[dict[str, _Fold | _Replace], int]:
-    """``{base tensor name: what to write instead of its bytes}``, and the number of adapted layers.
+    base_dir: str, adapter: _Adapter, tensors: dict[str, TensorInfo], safe: bool = False
+) -> tuple[dict[str, _Fold | _Replace], int, list[str]]:
+    """``{base tensor name: what to write instead of its bytes}``, the number of adapted layers, and
+    the keys of the vectors holding NaN or inf (with ``safe``, the first is a :class:`CheckpointError`).
 
     Like PEFT's loader, every adapter tensor that is not a vector replaces the base tensor of the
     same name (``modules_to_save`` copies; base layers PEFT saves with ``save_embedding_layers``,
@@ -421,6 +434,7 @@ def _plan(
 
     ops: dict[str, _Fold | _Replace] = dict(replace)
     seen: set[str] = set()
+    nonfinite: list[str] = []
     for key, layer in vectors:
         target = selection.targets.get(layer)
         if target is None:
@@ -438,6 +452,13 @@ def _plan(
                 f"{list(module.weight.shape)}: checkpoint and config do not match"
             )
         vector = adapter.load(key)
+        if not bool(torch.isfinite(vector).all()):  # a vector is small: checked whole, as it is read
+            if safe:
+                raise CheckpointError(
+                    f"adapter tensor {key!r} holds NaN or infinite values: refused (safe=True, ia3fx merge "
+                    "--safe, as PEFT's safe_merge); nothing was written"
+                )
+            nonfinite.append(key)
         if tuple(vector.shape) != target.peft_shape:
             raise CheckpointError(
                 f"adapter tensor {key!r} has shape {list(vector.shape)}, the layer needs {list(target.peft_shape)}"
@@ -465,7 +486,13 @@ def _plan(
             f"{', ...' if len(missing) > 5 else ''}); they stay unchanged, as PEFT leaves them at ones",
             stacklevel=3,
         )
-    return ops, len(seen)
+    if nonfinite:
+        warnings.warn(
+            f"{len(nonfinite)} adapter vector(s) hold NaN or infinite values (first {nonfinite[0]!r}): the merged "
+            "weights they scale will be NaN/inf. Pass safe=True (ia3fx merge --safe) to refuse such an adapter",
+            stacklevel=3,
+        )
+    return ops, len(seen), nonfinite
 
 
 # --- streaming ----------------------------------------------------------------------------------
@@ -695,6 +722,7 @@ def _check_dirs(base: str, adapter: str, out: str, force: bool) -> None:
         raise CheckpointError(
             f"the output directory {out} is the working directory or holds it; name a new directory for the merge"
         )
+    recover_place(out)  # an earlier merge killed while replacing out: finished, its leftovers removed
     if not os.path.lexists(out):
         return
     if not force:
@@ -756,6 +784,7 @@ def merge_checkpoint(
     *,
     force: bool = False,
     progress: bool | Callable[[int, int], None] | None = None,
+    safe: bool = False,
 ) -> MergeReport:
     """Write ``out_dir``: ``base_dir`` with the PEFT IA3 adapter of ``adapter_dir`` merged in.
 
@@ -769,6 +798,10 @@ def merge_checkpoint(
     any other directory, a file, the working directory or one holding it is refused. ``progress``:
     ``None`` shows a tqdm bar on stderr when it is a terminal, ``True``/``False`` force it on/off,
     a callable gets ``(bytes_done, bytes_total)``.
+
+    Adapter vectors holding NaN or inf are warned about (and listed in the report's
+    ``nonfinite_vectors``); ``safe=True`` (PEFT's ``safe_merge``) refuses them instead, with a
+    :class:`CheckpointError` naming the tensor, before anything is written.
 
     Raises :class:`CheckpointError` (a ``ValueError``) for inputs that cannot be merged, naming the
     file or tensor, and ``FileExistsError`` for an existing output without ``force``. Nothing is
@@ -798,7 +831,7 @@ def merge_checkpoint(
             )
 
     adapter = _read_adapter(adapter_root)
-    ops, layers = _plan(base, adapter, tensors)
+    ops, layers, nonfinite = _plan(base, adapter, tensors, safe)
     adapter_path = adapter.header.path if adapter.header is not None else None
 
     others, skipped = _other_files(base, set(shards))
@@ -807,10 +840,10 @@ def merge_checkpoint(
         warnings.warn(f"{rel} is not copied: it holds {why}", stacklevel=2)
     total = sum(h.file_size for h in headers) + sum(os.path.getsize(os.path.join(base, r)) for r in others)
 
-    report = MergeReport(out_dir=out, layers=layers, skipped_files=skipped)
+    report = MergeReport(out_dir=out, layers=layers, skipped_files=skipped, nonfinite_vectors=nonfinite)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    tmp = staging_directory(parent, os.path.basename(out))  # private (0o700) until _finish
     bar = _Progress(total, progress)
     threads = torch.get_num_threads()
     # a fold is a memory-bound multiply on a few MB: one thread is as fast, and avoids the

@@ -8,8 +8,9 @@ its cache and its weights are copied as they are.
 
 The new adapter must fit exactly: the same PEFT keys (a missing or extra key is named), the same
 shapes, finite values, no ``modules_to_save`` weights (those are weights of the program, not
-vectors). The output is written under a temporary name and renamed into place when complete;
-an existing output is replaced only with ``overwrite=True``.
+vectors). The output is written under a temporary name and moved into place when complete, as
+:mod:`ia3fx.export` does (what a killed write to the same place left is put right first); an
+existing output is replaced only with ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import torch
 
+from .atomic_files import move_into_place, recover_place, staging_directory
 from .errors import AdapterLoadError
-from .export import METADATA_KEY
-from .io import move_into_place, read_adapter_files
+from .export import METADATA_KEY, save_pt2
+from .io import read_adapter_files
 
 __all__ = ["swap_adapter", "read_manifest", "program_file"]
 
@@ -128,7 +129,7 @@ def _write_pt2(program: torch.export.ExportedProgram, manifest: dict, vectors: d
     for name, value in vectors.items():
         old = held[name]
         held[name] = value.to(old.device)
-    torch.export.save(program, staged, extra_files={METADATA_KEY: json.dumps(manifest)})
+    save_pt2(program, staged, {METADATA_KEY: json.dumps(manifest)})
 
 
 def _write_onnx(model: Any, manifest: dict, vectors: dict, staged: str) -> None:
@@ -168,6 +169,7 @@ def swap_adapter(
         raise ValueError(f"{out} would change the format: write a .{fmt} file")
     if os.path.realpath(out) == os.path.realpath(src):
         raise ValueError(f"{out} is the program being read: write the swapped program somewhere else")
+    recover_place(out)  # a killed replacement of out put right, killed writes' leftovers removed
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (ia3fx swap-adapter --force) to replace it")
     program, manifest = _load(src_file, fmt)
@@ -175,7 +177,7 @@ def swap_adapter(
     manifest = {**manifest, "adapters": [os.path.basename(os.path.normpath(os.fspath(adapter_dir)))]}
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    tmp = staging_directory(parent, os.path.basename(out))
     try:
         if directory:
             staged = os.path.join(tmp, "export")

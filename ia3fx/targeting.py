@@ -313,27 +313,27 @@ def _short(value: object, limit: int = 80) -> str:
 def _warn_unmatched(config: IA3Config, layers: Sequence[Layer], targets: dict[str, Target], names: Sequence[str]) -> None:
     """Warn about each entry the user gave (not a default) that selects nothing: a typo there
     would otherwise adapt silently less than intended."""
-    unmatched: list[str] = []
+    unmatched: list[tuple[str, str]] = []
     tm, ff = config.target_modules, config.feedforward_modules
     missing_targets: set[str] = set()
     if isinstance(tm, (set, list)):
         layer_names = [ly.name for ly in layers]
         missing_targets = {e for e in tm if not any(_matches(n, [e]) for n in layer_names)}
-        unmatched += [f"target_modules entry {e!r}" for e in sorted(missing_targets)]
+        unmatched += [(f"target_modules entry {e!r}", "layer") for e in sorted(missing_targets)]
     if isinstance(ff, str):
         if not any(re.fullmatch(ff, t) for t in targets):
-            unmatched.append(f"feedforward_modules regex {ff!r}")
+            unmatched.append((f"feedforward_modules regex {ff!r}", "targeted layer"))
     elif ff:  # PEFT's rule: a plain suffix of a target's name
         unmatched += [
-            f"feedforward_modules entry {e!r}"
+            (f"feedforward_modules entry {e!r}", "targeted layer")
             for e in sorted(ff)
             if e not in missing_targets and not any(t.endswith(e) for t in targets)
         ]
     for m in config.modules_to_save or ():
         if not _modules_to_save(names, [m]):
-            unmatched.append(f"modules_to_save entry {m!r}")
-    for what in unmatched:
-        warnings.warn(f"{what} matches no layer of this model; check its spelling", stacklevel=4)
+            unmatched.append((f"modules_to_save entry {m!r}", "module"))
+    for what, among in unmatched:
+        warnings.warn(f"{what} matches no {among} of this model; check its spelling", stacklevel=4)
 
 
 def _graph_module_names(sites: Sequence[CallSite]) -> list[str]:

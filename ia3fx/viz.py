@@ -24,6 +24,7 @@ needed); ``.svg``, ``.png``, ``.pdf`` run Graphviz's ``dot``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 from collections.abc import Iterable, Sequence
@@ -36,6 +37,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from .analysis import IA3_KEY, graph_of, module_classes, node_module, target_name, value_info
+from .atomic_files import temp_path
 from .sites import CallSite, find_call_sites
 
 __all__ = ["draw", "to_dot", "graph_diff", "GraphDiff", "COLORS", "VIEWS"]
@@ -752,6 +754,15 @@ def draw(
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
+    # a temporary next to it, renamed into place: a failed write (a full disk) leaves no partial
+    # file, and a previous drawing as it was
+    staged = temp_path(directory or ".", os.path.basename(path))
+    try:
+        with open(staged, "wb") as f:
+            f.write(data)
+        os.replace(staged, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(staged)
+        raise
     return g

@@ -312,7 +312,7 @@ def test_a_layer_both_targeted_and_saved_is_refused_as_peft_does():
     [
         ({"target_modules": ["k_proj", "v_projj"], "feedforward_modules": []}, "target_modules entry 'v_projj'"),
         ({"target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj", "up_proj"]}, None),
-        ({"target_modules": ["k_proj", "down_proj"], "feedforward_modules": r".*\.mlp\.up_proj"}, "feedforward_modules regex"),
+        ({"target_modules": ["k_proj", "down_proj"], "feedforward_modules": r".*\.mlp\.up_proj"}, "matches no targeted layer"),
         ({"target_modules": ["k_proj"], "feedforward_modules": [], "modules_to_save": ["lm_haed"]}, "modules_to_save entry 'lm_haed'"),
     ],
 )
@@ -323,12 +323,12 @@ def test_an_entry_that_selects_nothing_is_warned(kwargs, phrase, recwarn):
         return
     ia3fx.get_ia3_model(tiny_llama(), ia3fx.IA3Config(**kwargs))
     messages = [str(w.message) for w in recwarn]
-    assert any(phrase in m and "matches no layer" in m for m in messages), messages
+    assert any(phrase in m and "matches no" in m for m in messages), messages
 
 
 def test_defaults_that_match_warn_nothing(recwarn):
     ia3fx.get_ia3_model(tiny_llama(), ia3fx.IA3Config(task_type="CAUSAL_LM"))
-    assert not [w for w in recwarn if "matches no layer" in str(w.message)]
+    assert not [w for w in recwarn if "matches no" in str(w.message)]
 
 
 # --- threads -----------------------------------------------------------------------------------
@@ -384,3 +384,29 @@ def test_merging_in_one_thread_while_another_runs_forwards(kind):
     for out in outputs:
         torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     assert ia3.merged_adapters == []
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b'"IA3"', b"\xff\xfe not utf-8"], ids=["list", "string", "bytes"])
+def test_a_config_file_that_is_no_json_object_is_a_clear_error(tmp_path, content):
+    (tmp_path / "adapter_config.json").write_bytes(content)
+    with pytest.raises(ValueError, match="adapter_config.json (holds a JSON|is not valid JSON)"):
+        ia3fx.IA3Config.from_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="JSON object of IA3Config fields, got a list"):
+        ia3fx.IA3Config.from_dict([1, 2])
+
+
+def test_a_failed_drawing_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    ia3 = ia3fx.get_ia3_model(custom_model("MLP"), ia3fx.IA3Config(target_modules=["lin0"], feedforward_modules=[]))
+    out = tmp_path / "graph.dot"
+    out.write_text("my old drawing")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        ia3fx.draw(ia3, str(out))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["graph.dot"] and out.read_text() == "my old drawing"
+    ia3fx.draw(ia3, str(out))
+    assert "digraph" in out.read_text() and os.listdir(tmp_path) == ["graph.dot"]

@@ -582,7 +582,7 @@ def test_an_interrupt_leaves_the_previous_files(saved_twice, monkeypatch):
     def interrupted(path):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ia3io, "_fsync", interrupted)
+    monkeypatch.setattr(ia3io, "fsync_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(directory)
     monkeypatch.undo()
