@@ -19,6 +19,7 @@ from torch.export import Dim
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
+from .default_inputs import default_inputs, with_defaults_hint
 from .errors import TraceError, shorten
 
 __all__ = ["trace", "normalize_inputs", "input_signature", "accepts"]
@@ -244,17 +245,6 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, token_dims: bool, dynam
     return gm
 
 
-def default_inputs(model: nn.Module) -> tuple[tuple, dict]:
-    """transformers' ``dummy_inputs``, on the model's device (or CPU for a meta model)."""
-    dummy = getattr(model, "dummy_inputs", None)
-    if not isinstance(dummy, Mapping) or not dummy:
-        raise TraceError(
-            f"{type(model).__name__} has no dummy_inputs; pass example_inputs, e.g. "
-            "{'input_ids': torch.randint(0, vocab_size, (2, 16))}"
-        )
-    return (), dict(dummy)
-
-
 def trace(
     model: nn.Module | GraphModule | torch.export.ExportedProgram,
     example_inputs: Any = None,
@@ -286,14 +276,20 @@ def trace(
 
     is_hf = is_transformers_model(model)
     args, kwargs = normalize_inputs(example_inputs)
-    if example_inputs is None and is_hf:
+    defaulted = example_inputs is None and is_hf
+    if defaulted:
         args, kwargs = default_inputs(model)
     # a model adapted in place by ia3fx traces as its base computation
     with _training_mode(model, train), bypassed():
         if not args and not kwargs:
             return _symbolic_trace(model)
         with _caches_disabled(model) if is_hf else contextlib.nullcontext():
-            return _export(model, args, kwargs, token_dims=is_hf, dynamic=dynamic)
+            try:
+                return _export(model, args, kwargs, token_dims=is_hf, dynamic=dynamic)
+            except TraceError as e:
+                if not defaulted:
+                    raise
+                raise with_defaults_hint(e, model) from e
 
 
 def _copy_graph(gm: GraphModule) -> torch.fx.Graph:

@@ -15,6 +15,8 @@ from torch.fx import GraphModule
 from .adapter_store import Slot
 from .blocks import CAPTURE_LOCK, GATE
 from .capture import _copy_graph, accepts, input_signature, normalize_inputs, trace
+from .default_inputs import default_inputs, with_defaults_hint
+from .errors import TraceError
 from .passes import cleanup_graph, fold_scales, insert_scales, redirect_modules_to_save, slot_attr
 from .passes._graph import SAVED_ROOT, container, set_module, set_tensor
 from .passes._lazy import batched, realize
@@ -216,15 +218,18 @@ class WholeGraphMixin:
         """The whole adapted model as one graph: the first one captured (for a transformers model
         with blocks, traced from the base model with the example inputs on first use)."""
         if self._graph_key is None:  # in the mode the model was adapted in, as it would have been traced
-            graph = self._graph_for(*normalize_inputs(self._example_inputs_or_default()), train=self._first_mode)
+            try:
+                graph = self._graph_for(*normalize_inputs(self._example_inputs_or_default()), train=self._first_mode)
+            except TraceError as e:
+                if self._example_inputs is not None:
+                    raise
+                raise with_defaults_hint(e, self.model) from e
             self._graph_key = self._cache_key(graph, self._first_mode)
         return realize(self._graphs[self._graph_key][0])
 
     def _example_inputs_or_default(self) -> Any:
         if self._example_inputs is not None:
             return self._example_inputs
-        from .capture import default_inputs
-
         return default_inputs(self.model)
 
     @property
