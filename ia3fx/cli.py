@@ -28,23 +28,18 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .config import CONFIG_NAME, IA3Config
-from .errors import IA3Error
+from .errors import IA3Error, shorten
 from .presets import DEFAULT_PRESET, PRESETS, build_preset, model_from_config
 
 __all__ = ["main", "load_model", "config_from_args", "DEBUG_ENV"]
 
 DEBUG_ENV = "IA3FX_DEBUG"  # set to 1: a traceback on stderr before the error line
-SHOWN_CHARS = 80  # user strings echoed in a message are cut to this length
 LINE_CHARS = 500  # an error line is cut to this length (the debug traceback has all of it)
-
-
-def _cut(text: str, limit: int = SHOWN_CHARS) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _shown(value: Any) -> str:
     """A user-given string (a path, a name) as it is echoed in a message: quoted, cut to a readable length."""
-    return repr(_cut(os.fspath(value) if isinstance(value, os.PathLike) else str(value)))
+    return repr(shorten(os.fspath(value) if isinstance(value, os.PathLike) else str(value)))
 
 
 def load_model(spec: str) -> nn.Module:
@@ -132,7 +127,7 @@ def _check_feedforward(config: IA3Config, args: argparse.Namespace) -> None:
     except ValueError as e:
         if not (isinstance(ff, set) and isinstance(targets, set)):
             raise
-        missing, names = _cut(" ".join(sorted(ff - targets))), _cut(" ".join(sorted(targets)))
+        missing, names = shorten(" ".join(sorted(ff - targets))), shorten(" ".join(sorted(targets)))
         if args.feedforward_modules is None:  # the targets given as a flag, the feedforward names from --config
             raise ValueError(
                 f"--target-modules ({names}) leaves out the feedforward modules of --config {_shown(args.config)} "
@@ -480,7 +475,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with its usage errors as one line (``ia3fx demo: error: ...``), exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {_cut(' '.join(message.split()), LINE_CHARS)}; see {self.prog} --help\n")
+        self.exit(2, f"{self.prog}: error: {shorten(' '.join(message.split()), LINE_CHARS)}; see {self.prog} --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -608,7 +603,7 @@ def _reason(e: BaseException, args: argparse.Namespace) -> str:
 def _warn_line(command: str):
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         text = " ".join(str(message).split())
-        print(f"ia3fx {command}: warning: {_cut(text, LINE_CHARS)}", file=sys.stderr)
+        print(f"ia3fx {command}: warning: {shorten(text, LINE_CHARS)}", file=sys.stderr)
 
     return show
 
@@ -630,12 +625,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _INPUT_ERRORS as e:
         if debug:
             traceback.print_exc()
-        print(f"{prefix}: error: {_cut(_reason(e, args), LINE_CHARS)}", file=sys.stderr)
+        print(f"{prefix}: error: {shorten(_reason(e, args), LINE_CHARS)}", file=sys.stderr)
         return 2
     except Exception as e:  # a bug: one line, and how to see where
         if debug:
             raise
-        print(f"{prefix}: error: unexpected {type(e).__name__}: {_cut(_reason(e, args), LINE_CHARS)} "
+        print(f"{prefix}: error: unexpected {type(e).__name__}: {shorten(_reason(e, args), LINE_CHARS)} "
               f"(a bug in ia3fx? rerun with {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return 1
 
