@@ -315,3 +315,17 @@ def snapshot(path) -> dict[str, bytes]:
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, path)] = fh.read()
     return out
+
+
+def saved_base_and_adapter(tmp_path):
+    """A tiny Llama saved as a transformers checkpoint and a random PEFT IA3 adapter for it, on
+    disk: what the offline merge reads (``(base_dir, adapter_dir)``)."""
+    import peft
+
+    model = tiny_llama()
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    model.save_pretrained(base)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.IA3Config())
+    randomize_peft(pm)
+    pm.save_pretrained(adapter)
+    return base, adapter

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import custom_model, randomize_peft, snapshot, tiny_llama, token_inputs
+from conftest import custom_model, saved_base_and_adapter, snapshot, tiny_llama, token_inputs
 
 import ia3fx
 from ia3fx.cli import main
@@ -109,15 +109,7 @@ def test_an_unloaded_ia3model_refuses_further_use(kind, how):
 # --- offline merge outputs -------------------------------------------------------------------------
 @pytest.fixture()
 def checkpoint(tmp_path):
-    import peft
-
-    model = tiny_llama()
-    base, adapter = tmp_path / "base", tmp_path / "adapter"
-    model.save_pretrained(base)
-    pm = peft.get_peft_model(copy.deepcopy(model), peft.IA3Config())
-    randomize_peft(pm)
-    pm.save_pretrained(adapter)
-    return base, adapter
+    return saved_base_and_adapter(tmp_path)
 
 
 def test_merge_refuses_an_empty_output_and_the_working_directory(checkpoint, tmp_path, monkeypatch, capsys):

@@ -22,7 +22,7 @@ import traceback
 
 import pytest
 import torch
-from conftest import custom_model, randomize_peft, snapshot, tiny_llama
+from conftest import custom_model, saved_base_and_adapter, snapshot
 from safetensors.torch import load_file, save_file
 
 import ia3fx
@@ -297,14 +297,7 @@ def test_a_journal_that_is_not_ours_is_never_replayed(saved):
 @pytest.fixture
 def checkpoint(tmp_path):
     """base, adapter A, adapter B (other vectors), the earlier merge of A at out, and B's merge."""
-    import peft
-
-    model = tiny_llama()
-    base, adapter = tmp_path / "base", tmp_path / "adapter"
-    model.save_pretrained(base)
-    pm = peft.get_peft_model(copy.deepcopy(model), peft.IA3Config())
-    randomize_peft(pm)
-    pm.save_pretrained(adapter)
+    base, adapter = saved_base_and_adapter(tmp_path)
     other = tmp_path / "adapter-b"
     shutil.copytree(adapter, other)
     tensors = load_file(other / "adapter_model.safetensors")
@@ -363,17 +356,24 @@ def test_a_forced_merge_killed_while_replacing(checkpoint, how):
     assert snapshot(out) == old and sorted(os.listdir(out.parent)) == entries
 
 
-def test_the_next_merge_recovers_a_killed_fallback_by_itself(checkpoint):
-    base, adapter, other, out, old, new = checkpoint
-    entries = sorted(os.listdir(out.parent))
+def kill_a_fallback_merge(base, adapter, out) -> None:
+    """A forced merge where the filesystem cannot exchange, killed after its first rename (the
+    old output set aside): nothing is left under ``out``."""
 
     def child():
         atomic._exchange = lambda a, b: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no renameat2"))
         kill_at_rename(1, "rename")
-        merge_checkpoint(base, other, out, force=True, progress=False)
+        merge_checkpoint(base, adapter, out, force=True, progress=False)
 
     killed_child(child)
     assert not out.exists()
+
+
+def test_the_next_merge_recovers_a_killed_fallback_by_itself(checkpoint):
+    base, adapter, other, out, old, new = checkpoint
+    entries = sorted(os.listdir(out.parent))
+
+    kill_a_fallback_merge(base, other, out)
     with pytest.raises(FileExistsError, match="--force"):  # the killed merge was finished: out is B's
         merge_checkpoint(base, adapter, out, progress=False)
     assert snapshot(out) == new and sorted(os.listdir(out.parent)) == entries
@@ -529,13 +529,7 @@ def test_a_refused_export_sees_the_place_a_killed_merge_left_recovered(checkpoin
     base, adapter, other, out, old, new = checkpoint
     entries = sorted(os.listdir(out.parent))
 
-    def child():
-        atomic._exchange = lambda a, b: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no renameat2"))
-        kill_at_rename(1, "rename")
-        merge_checkpoint(base, other, out, force=True, progress=False)
-
-    killed_child(child)
-    assert not out.exists()
+    kill_a_fallback_merge(base, other, out)
     with pytest.raises(FileExistsError, match="already exists"):
         if writer == "export":
             ia3fx.export(adapter_model(), out, "pt2")
