@@ -1,21 +1,24 @@
-"""Offline checkpoint merge vs ``cp -r`` vs PEFT (load + merge_and_unload + save_pretrained).
+"""``ia3fx merge`` end to end vs ``cp -r`` vs PEFT (load + merge_and_unload + save_pretrained).
 
-Builds a synthetic sharded Llama checkpoint (random weights, written shard by shard with a
-streaming safetensors writer, so building it needs one tensor of memory) and a random IA3 adapter
-with PEFT's default Llama targets, then runs, for several rounds, in an order that alternates and
-reverses each round:
+Builds synthetic sharded Llama checkpoints, fp32 and bf16 (random weights, written shard by shard
+with a streaming safetensors writer, so building one needs one tensor of memory), and a random IA3
+adapter with PEFT's default Llama targets (k_proj, v_proj, down_proj: 3 of the 7 linear layers of
+each block), then runs, for several rounds, in an order that alternates and reverses each round,
+each command as one shell line whose time counts until the data is on disk:
 
-* ``cp -r BASE OUT``                                    (the floor: same bytes, in the kernel)
-* ``ia3fx.offline.merge_checkpoint(BASE, ADAPTER, OUT)`` (in a fresh interpreter)
-* PEFT: ``AutoModelForCausalLM.from_pretrained`` + ``PeftModel.from_pretrained`` +
-  ``merge_and_unload()`` + ``save_pretrained``            (in a fresh interpreter)
+* ``cp -r BASE OUT && sync``                               (the floor: the same bytes, in the kernel)
+* ``ia3fx merge --base BASE --adapter ADAPTER --out OUT && sync``   (the console script: process
+  start and imports included)
+* ``python -c '<PEFT: from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained>' && sync``
 
-Each runs as a subprocess under ``/usr/bin/time -v`` (peak RSS; wall time from this process).
-The ia3fx and PEFT runners also report their time after imports. Ratios are medians of per-round
-ratios. The first round also checks that the offline output equals PEFT's, tensor for tensor.
+Each runs under ``/usr/bin/time -v`` (peak RSS of the largest process; wall time measured here),
+page cache warm (every input is read once before the first round). Ratios are medians of the
+per-round ratios against ``cp -r`` of the same round, reported with their quartiles, each round's
+ratio and the 1-minute load average as each round starts (the machine may be shared). The first round also checks that the
+offline output equals PEFT's, tensor for tensor.
 
-    python benchmarks/bench_offline_merge.py            # ~1.25 GB fp32 checkpoint, 3 rounds
-    python benchmarks/bench_offline_merge.py --quick    # ~220 MB, 2 rounds, < 2 min
+    python benchmarks/bench_offline_merge.py --rounds 5   # ~1.25 GB fp32 and ~0.63 GB bf16 checkpoints
+    python benchmarks/bench_offline_merge.py --quick      # ~220 MB checkpoints, 2 rounds
 
 Results: a table on stdout and ``benchmarks/results/offline_merge.json``.
 """
@@ -27,6 +30,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import statistics
 import struct
@@ -129,60 +133,60 @@ def write_adapter(adapter: str, base: str, seed: int = 1) -> int:
     return len(tensors)
 
 
-# --- runners (fresh interpreters) -----------------------------------------------------------------
-def _rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def run_offline(base: str, adapter: str, out: str) -> dict:
-    t0 = time.perf_counter()
-    import transformers  # noqa: F401  (the merge imports the modeling code; count it as import)
-    from transformers import LlamaForCausalLM  # noqa: F401
-
-    from ia3fx.offline import merge_checkpoint
-
-    t1 = time.perf_counter()
-    rss_after_imports = _rss_mb()
-    report = merge_checkpoint(base, adapter, out, progress=False)
-    t2 = time.perf_counter()
-    return {"import_s": t1 - t0, "work_s": t2 - t1, "rss_after_imports_mb": rss_after_imports,
-            "tensors_merged": report.tensors_merged, "bytes_written": report.bytes_written}
+# --- commands --------------------------------------------------------------------------------------
+PEFT_CODE = """
+import sys, warnings
+warnings.simplefilter("ignore")
+import peft, torch
+from transformers import AutoModelForCausalLM
+base, adapter, out = sys.argv[1:]
+model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+with torch.no_grad():
+    merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+merged.save_pretrained(out)
+"""
 
 
-def run_peft(base: str, adapter: str, out: str) -> dict:
-    t0 = time.perf_counter()
-    import peft
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    t1 = time.perf_counter()
-    rss_after_imports = _rss_mb()
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
-    with torch.no_grad():
-        merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    merged.save_pretrained(out)
-    t2 = time.perf_counter()
-    return {"import_s": t1 - t0, "work_s": t2 - t1, "rss_after_imports_mb": rss_after_imports}
+def ia3fx_command() -> list[str]:
+    """The installed console script next to this interpreter, else ``python -m ia3fx``."""
+    script = os.path.join(os.path.dirname(sys.executable), "ia3fx")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "ia3fx"]
 
 
-def timed(cmd: list[str]) -> dict:
-    """Run under /usr/bin/time -v: wall seconds (measured here), peak RSS (MB), the runner's JSON."""
+def commands(base: str, adapter: str, with_peft: bool) -> dict:
+    """Method name -> (output directory -> shell line ending in ``&& sync``)."""
+    q = shlex.quote
+    ia3 = " ".join(q(c) for c in ia3fx_command())
+    out = {
+        "cp -r": lambda o: f"cp -r {q(base)} {q(o)} && sync",
+        "ia3fx merge": lambda o: f"{ia3} merge --base {q(base)} --adapter {q(adapter)} --out {q(o)} && sync",
+    }
+    if with_peft:
+        out["peft merge_and_unload"] = (
+            lambda o: f"{q(sys.executable)} -c {q(PEFT_CODE)} {q(base)} {q(adapter)} {q(o)} && sync")
+    return out
+
+
+def timed(line: str) -> dict:
+    """Run ``line`` in sh under /usr/bin/time -v: wall seconds (measured here), peak RSS in MB."""
     have_time = os.path.exists("/usr/bin/time")
-    full = (["/usr/bin/time", "-v"] if have_time else []) + cmd
+    full = (["/usr/bin/time", "-v"] if have_time else []) + ["sh", "-c", line]
     t0 = time.perf_counter()
     proc = subprocess.run(full, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    out = {"wall_s": wall}
+        raise RuntimeError(f"{line} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    out["peak_rss_mb"] = int(m.group(1)) / 1024 if m else None
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if lines:
-        out.update(json.loads(lines[-1]))
-    return out
+    return {"wall_s": wall, "peak_rss_mb": int(m.group(1)) / 1024 if m else None}
+
+
+def warm(directory: str) -> None:
+    """Read every file once, so that every method starts from a warm page cache."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                while f.read(64 << 20):
+                    pass
 
 
 def compare_outputs(a: str, b: str) -> tuple[int, int]:
@@ -209,139 +213,131 @@ def compare_outputs(a: str, b: str) -> tuple[int, int]:
     return len(la), bad
 
 
+def quartiles(values: list[float]) -> list[float]:
+    """First quartile, median, third quartile (``statistics.quantiles``' inclusive method)."""
+    if len(values) < 2:
+        return [values[0]] * 3 if values else []
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return [q1, q2, q3]
+
+
 # --- driver --------------------------------------------------------------------------------------
+def bench_dtype(work: str, dims: dict, dtype: str, rounds: int, with_peft: bool, shard_bytes: int) -> dict:
+    base, adapter = os.path.join(work, f"base-{dtype}"), os.path.join(work, f"adapter-{dtype}")
+    for d in (base, adapter):
+        if os.path.isdir(d):
+            shutil.rmtree(d)
+    t0 = time.perf_counter()
+    info = write_checkpoint(base, dims, dtype, shard_bytes=shard_bytes)
+    n_vectors = write_adapter(adapter, base)
+    largest_mb = info["largest_tensor_bytes"] / 2**20
+    print(f"\n{dtype}: {info['total_bytes'] / 2**30:.2f} GiB, {info['shards']} shards, {info['tensors']} tensors, "
+          f"largest {largest_mb:.0f} MiB; adapter: {n_vectors} vectors (built in {time.perf_counter() - t0:.1f} s)",
+          flush=True)
+    methods = commands(base, adapter, with_peft)
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    order = list(methods)
+    identical = None
+    loads: list[float] = []  # the 1-minute load average as each round starts (the machine is shared)
+    warm(base), warm(adapter)
+    for r in range(rounds):
+        loads.append(os.getloadavg()[0])
+        seq = order if r % 2 == 0 else order[::-1]
+        for name in seq:
+            out = os.path.join(work, "out-" + re.sub(r"\W+", "-", name))
+            if os.path.exists(out):
+                shutil.rmtree(out)
+            res = timed(methods[name](out))
+            runs[name].append(res)
+            print(f"  round {r + 1} {name:22s} wall {res['wall_s']:7.2f} s"
+                  + (f"  peak RSS {res['peak_rss_mb']:7.0f} MB" if res.get("peak_rss_mb") else ""), flush=True)
+        if r == 0 and with_peft:
+            n, bad = compare_outputs(os.path.join(work, "out-ia3fx-merge"), os.path.join(work, "out-peft-merge_and_unload"))
+            identical = {"tensors": n, "different": bad}
+            print(f"  ia3fx merge vs PEFT output: {n} tensors, {bad} different", flush=True)
+        for name in methods:
+            out = os.path.join(work, "out-" + re.sub(r"\W+", "-", name))
+            if os.path.exists(out):
+                shutil.rmtree(out)
+    shutil.rmtree(base), shutil.rmtree(adapter)
+
+    def per_round(a: str, b: str) -> list[float]:
+        return [x["wall_s"] / y["wall_s"] for x, y in zip(runs[a], runs[b], strict=True)]
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(per_round(a, b))
+
+    summary = {name: {"wall_s_median": statistics.median(x["wall_s"] for x in runs[name]),
+                      "peak_rss_mb_median": statistics.median(x["peak_rss_mb"] or 0 for x in runs[name])}
+               for name in methods}
+    summary["ia3fx_vs_cp"] = ratio("ia3fx merge", "cp -r")
+    summary["ia3fx_vs_cp_per_round"] = per_round("ia3fx merge", "cp -r")
+    summary["ia3fx_vs_cp_quartiles"] = quartiles(summary["ia3fx_vs_cp_per_round"])
+    summary["loadavg_1min_per_round"] = loads
+    if with_peft:
+        summary["peft_vs_cp"] = ratio("peft merge_and_unload", "cp -r")
+        summary["peft_vs_ia3fx"] = ratio("peft merge_and_unload", "ia3fx merge")
+    peak = summary["ia3fx merge"]["peak_rss_mb_median"]
+    summary.update({"largest_tensor_mb": largest_mb, "budget_mb": largest_mb + BUDGET_MB,
+                    "within_budget": bool(peak and peak <= largest_mb + BUDGET_MB)})
+    return {"checkpoint": {**info, "dims": dims, "dtype": dtype, "adapter_vectors": n_vectors},
+            "runs": runs, "summary": summary, "ia3fx_equals_peft": identical}
+
+
+def report(dtype: str, res: dict, rounds: int) -> None:
+    s = res["summary"]
+    print(f"\n{dtype}: {'method':22s} {'wall s':>8s} {'peak RSS MB':>12s}   (medians of {rounds} rounds)")
+    for name in res["runs"]:
+        print(f"{'':{len(dtype) + 2}s}{name:22s} {s[name]['wall_s_median']:8.2f} {s[name]['peak_rss_mb_median']:12.0f}")
+    q1, _, q3 = s["ia3fx_vs_cp_quartiles"]
+    print(f"  ia3fx merge / cp -r:           {s['ia3fx_vs_cp']:.2f}x   (quartiles {q1:.2f}-{q3:.2f}; target <= 1.5x; "
+          "both until synced)")
+    print(f"  per round: {', '.join(f'{x:.2f}' for x in s['ia3fx_vs_cp_per_round'])}; load average (1 min) at "
+          f"each round's start: {', '.join(f'{x:.1f}' for x in s['loadavg_1min_per_round'])}")
+    if "peft_vs_ia3fx" in s:
+        print(f"  PEFT / ia3fx merge:            {s['peft_vs_ia3fx']:.2f}x   (PEFT / cp -r: {s['peft_vs_cp']:.2f}x)")
+    peak = s["ia3fx merge"]["peak_rss_mb_median"]
+    print(f"  ia3fx merge peak RSS {peak:.0f} MB; budget largest tensor {s['largest_tensor_mb']:.0f} MB + "
+          f"{BUDGET_MB} MB = {s['budget_mb']:.0f} MB: {'OK' if s['within_budget'] else 'OVER'}")
+    if res["ia3fx_equals_peft"]:
+        print(f"  output vs PEFT: {res['ia3fx_equals_peft']['tensors']} tensors, "
+              f"{res['ia3fx_equals_peft']['different']} different")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="~220 MB checkpoint, 2 rounds (< 2 min)")
-    parser.add_argument("--rounds", type=int, help="rounds (default 3, quick 2)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--quick", action="store_true", help="~220 MB checkpoints, 2 rounds")
+    parser.add_argument("--rounds", type=int, help="rounds (default 5, quick 2)")
+    parser.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--workdir", help="where to build (default: a temporary directory, removed after)")
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT baseline")
     parser.add_argument("--out", default=RESULTS, help="JSON results file")
-    parser.add_argument("--_run", choices=["offline", "peft"], help=argparse.SUPPRESS)
-    parser.add_argument("--_args", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args._run:
-        import warnings
-
-        warnings.simplefilter("ignore")
-        fn = run_offline if args._run == "offline" else run_peft
-        print(json.dumps(fn(*args._args)))
-        return 0
-
+    load_at_start = os.getloadavg()
     dims = QUICK if args.quick else FULL
-    rounds = args.rounds or (2 if args.quick else 3)
+    rounds = args.rounds or (2 if args.quick else 5)
     work = args.workdir or tempfile.mkdtemp(prefix="ia3fx-bench-")
     os.makedirs(work, exist_ok=True)
-    base, adapter = os.path.join(work, "base"), os.path.join(work, "adapter")
+    results = {}
     try:
-        t0 = time.perf_counter()
-        if os.path.isdir(base):
-            shutil.rmtree(base)
-        if os.path.isdir(adapter):
-            shutil.rmtree(adapter)
-        info = write_checkpoint(base, dims, args.dtype, shard_bytes=(100 if args.quick else 400) << 20)
-        n_vectors = write_adapter(adapter, base)
-        build_s = time.perf_counter() - t0
-        largest_mb = info["largest_tensor_bytes"] / 2**20
-        print(f"checkpoint: {info['total_bytes'] / 2**30:.2f} GiB {args.dtype}, {info['shards']} shards, "
-              f"{info['tensors']} tensors, largest {largest_mb:.0f} MiB; adapter: {n_vectors} vectors "
-              f"(built in {build_s:.1f} s, in {work})", flush=True)
-        me = [sys.executable, os.path.abspath(__file__)]
-        methods = {
-            "cp -r": lambda out: ["cp", "-r", base, out],
-            "ia3fx offline": lambda out: me + ["--_run", "offline", "--_args", base, adapter, out],
-        }
-        if not args.no_peft:
-            methods["peft merge_and_unload"] = lambda out: me + ["--_run", "peft", "--_args", base, adapter, out]
-        runs: dict[str, list[dict]] = {m: [] for m in methods}
-        order = list(methods)
-        identical = None
-        for r in range(rounds):
-            seq = order if r % 2 == 0 else order[::-1]
-            for name in seq:
-                out = os.path.join(work, "out-" + re.sub(r"\W+", "-", name))
-                if os.path.exists(out):
-                    shutil.rmtree(out)
-                res = timed(methods[name](out))
-                runs[name].append(res)
-                print(f"round {r + 1} {name:22s} wall {res['wall_s']:7.2f} s"
-                      + (f"  work {res['work_s']:7.2f} s" if "work_s" in res else "")
-                      + (f"  peak RSS {res['peak_rss_mb']:7.0f} MB" if res.get("peak_rss_mb") else ""), flush=True)
-            if r == 0 and not args.no_peft:
-                n, bad = compare_outputs(os.path.join(work, "out-ia3fx-offline"),
-                                         os.path.join(work, "out-peft-merge_and_unload"))
-                identical = {"tensors": n, "different": bad}
-                print(f"offline vs PEFT output: {n} tensors, {bad} different", flush=True)
-            for name in methods:
-                out = os.path.join(work, "out-" + re.sub(r"\W+", "-", name))
-                if os.path.exists(out):
-                    shutil.rmtree(out)
+        for dtype in args.dtype:
+            results[dtype] = bench_dtype(work, dims, dtype, rounds, not args.no_peft,
+                                         (100 if args.quick else 400) << 20)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-
-    def med(name, key):
-        vals = [x[key] for x in runs[name] if x.get(key) is not None]
-        return statistics.median(vals) if vals else None
-
-    def ratio(a, ka, b, kb):
-        return statistics.median(x[ka] / y[kb] for x, y in zip(runs[a], runs[b], strict=True))
-
-    off = "ia3fx offline"
-    summary = {
-        "offline_work_vs_cp": ratio(off, "work_s", "cp -r", "wall_s"),
-        "offline_wall_vs_cp": ratio(off, "wall_s", "cp -r", "wall_s"),
-    }
-    if not args.no_peft:
-        peft_name = "peft merge_and_unload"
-        summary["peft_wall_vs_offline_wall"] = ratio(peft_name, "wall_s", off, "wall_s")
-        summary["peft_work_vs_offline_work"] = ratio(peft_name, "work_s", off, "work_s")
-        summary["peft_rss_vs_offline_rss"] = med(peft_name, "peak_rss_mb") / med(off, "peak_rss_mb")
-    peak = med(off, "peak_rss_mb")
-    baseline = med(off, "rss_after_imports_mb")
-    budget = largest_mb + BUDGET_MB
-    summary.update({
-        "offline_peak_rss_mb": peak,
-        "offline_rss_after_imports_mb": baseline,
-        "offline_peak_above_imports_mb": peak - baseline if peak and baseline else None,
-        "largest_tensor_mb": largest_mb,
-        "budget_mb": budget,
-        "within_budget": bool(peak and peak <= budget),
-        "within_budget_above_imports": bool(peak and baseline and peak - baseline <= budget),
-    })
-
-    print()
-    print(f"{'method':24s} {'wall s':>8s} {'work s':>8s} {'peak RSS MB':>12s}   (medians of {rounds} rounds)")
-    for name in methods:
-        w = med(name, "work_s")
-        rss = med(name, "peak_rss_mb")
-        w_text = f"{w:8.2f}" if w is not None else f"{'-':>8s}"
-        rss_text = f"{rss:12.0f}" if rss else f"{'-':>12s}"
-        print(f"{name:24s} {med(name, 'wall_s'):8.2f} {w_text} {rss_text}")
-    print()
-    print(f"offline (work) / cp -r:      {summary['offline_work_vs_cp']:.2f}x   (target <= 2x)")
-    print(f"offline (wall) / cp -r:      {summary['offline_wall_vs_cp']:.2f}x   (includes interpreter start and imports)")
-    if not args.no_peft:
-        print(f"PEFT / offline, wall:        {summary['peft_wall_vs_offline_wall']:.2f}x")
-        print(f"PEFT / offline, after imports: {summary['peft_work_vs_offline_work']:.2f}x")
-        print(f"PEFT / offline, peak RSS:    {summary['peft_rss_vs_offline_rss']:.2f}x")
-    print(f"offline peak RSS {peak:.0f} MB ({summary['offline_peak_above_imports_mb']:.0f} MB above the "
-          f"{baseline:.0f} MB of the interpreter with torch + transformers); budget largest tensor "
-          f"{largest_mb:.0f} MB + {BUDGET_MB} MB = {budget:.0f} MB: "
-          f"{'OK' if summary['within_budget'] else 'OVER'} (absolute), "
-          f"{'OK' if summary['within_budget_above_imports'] else 'OVER'} (above the interpreter)")
-
+    for dtype, res in results.items():
+        report(dtype, res, rounds)
     result = {
         "command": "python benchmarks/bench_offline_merge.py" + (" --quick" if args.quick else "")
-                   + (f" --rounds {args.rounds}" if args.rounds else "") + (f" --dtype {args.dtype}" if args.dtype != "fp32" else ""),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
-        "checkpoint": {**info, "dims": dims, "dtype": args.dtype, "adapter_vectors": n_vectors},
+                   + (f" --rounds {args.rounds}" if args.rounds else "")
+                   + (f" --dtype {' '.join(args.dtype)}" if args.dtype != ["fp32", "bf16"] else "")
+                   + (" --no-peft" if args.no_peft else ""),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg()},
         "rounds": rounds,
-        "runs": runs,
-        "summary": summary,
-        "offline_equals_peft": identical,
+        "results": results,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

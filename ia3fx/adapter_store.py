@@ -20,6 +20,7 @@ from torch.fx import GraphModule
 
 from .blocks import GATE
 from .config import IA3Config
+from .quantized_merge import same_data, set_data
 from .sites import get_attr_path
 from .targeting import Selection, Target, select_targets
 
@@ -137,7 +138,11 @@ class AdapterStoreMixin:
         """The slot maps of the adapters the graphs apply: active, not merged (folded), not disabled."""
         if self._disabled:
             return []
-        return [self._slots(a) for a in self._active if a not in self._merged]
+        live = [self._slots(a) for a in self._active if a not in self._merged]
+        if self._kept:  # merged into a quantized base, but not folded: still a multiply in the graphs
+            kept = [{s: p for s, p in self._slots(a).items() if (a, s[0]) in self._kept} for a in self._merged]
+            live.extend(k for k in kept if k)
+        return live
 
     def _update_trainable(self) -> None:
         for adapter in self.ia3_l:
@@ -228,8 +233,8 @@ class AdapterStoreMixin:
             with GATE.exclusive():
                 for param, data in swapped:  # the merged weights come back, unless unmerged in the block
                     kept = self._originals.get(id(param))
-                    if kept is not None and param.data.data_ptr() == kept[1].data_ptr():
-                        param.data = data
+                    if kept is not None and same_data(param, kept[1]):
+                        set_data(param, data)  # (a quantized weight's inner tensors: quantized_merge.py)
                 self._disabled = was_disabled
                 for param, flag in grads:
                     param.requires_grad_(flag)

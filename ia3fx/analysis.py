@@ -11,6 +11,7 @@ and parameters each block gets, and which tied or shared weights matter for merg
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -233,6 +234,17 @@ class Report:
     tied: list[TiedWeights] = field(default_factory=list)
     shared_layers: dict[str, int] = field(default_factory=dict)  # layer -> call sites, when > 1
     base_parameters: int = 0
+    # adapter -> layer -> the vector's statistics (ia3fx.viz_stats.vector_stats; None on meta), for
+    # every adapter of an IA3Model: what Report.plot draws. Empty for a report made from a config.
+    vectors: dict[str, dict[str, dict[str, float] | None]] = field(default_factory=dict)
+
+    def plot(self, path: str | os.PathLike | None = None, adapters: Sequence[str] | None = None) -> Any:
+        """How far each adapter's vectors moved from ones, per block and site kind (mean ``|v - 1|``
+        and its spread), adapters side by side; writes ``path`` (.png, .svg, .pdf) if given and returns
+        the matplotlib ``Figure``. Needs matplotlib (``pip install 'ia3fx[plot]'``); see :mod:`ia3fx.viz_plot`."""
+        from .viz_plot import plot_report
+
+        return plot_report(self, path, adapters)
 
     @property
     def num_call_sites(self) -> int:
@@ -273,6 +285,7 @@ class Report:
                 for t in self.tied
             ],
             "shared_layers": dict(self.shared_layers),
+            **({"vectors": self.vectors} if self.vectors else {}),  # an IA3Model's adapters: their statistics
         }
 
     def _block_lines(self) -> list[str]:
@@ -446,7 +459,17 @@ def report(model: Any, config: IA3Config | None = None, example_inputs: Any = No
         tied=_tied(graph_model if isinstance(graph_model, nn.Module) else None, selection.targets),
         shared_layers={n: c for n, c in counts.items() if c > 1 and n in selection.targets},
         base_parameters=sum(params.values()),
+        vectors=_vector_stats(model) if isinstance(model, IA3Model) and config is None else {},
     )
+
+
+def _vector_stats(model: Any) -> dict[str, dict[str, dict[str, float] | None]]:
+    """Every adapter's vectors, summarised (the active one first)."""
+    from .viz_stats import vector_stats
+
+    names = [model.active_adapter] + [a for a in model.peft_config if a != model.active_adapter]
+    return {a: {layer: vector_stats(model.get_vector(layer, a)) for layer in model._selections[a].targets}
+            for a in names}
 
 
 def scale_nodes(gm: GraphModule) -> list[Node]:

@@ -101,9 +101,10 @@ class BlockInstallMixin:
         table: dict[Slot, list[tuple[str, str]]] = {}
         if not self._disabled:
             for adapter in self._active:
-                if adapter in self._merged:
-                    continue
+                merged = adapter in self._merged
                 for name, target in self._selections[adapter].targets.items():
+                    if merged and (adapter, name) not in self._kept:  # folded into the weights
+                        continue
                     table.setdefault(_slot(target), []).append((adapter, _key(name)))
         self._live = table
         self._ones = {}

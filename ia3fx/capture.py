@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 from .default_inputs import default_inputs, with_defaults_hint
 from .errors import TraceError, shorten
+from .traceable_rope import traceable_dynamic_rope
 
 __all__ = ["trace", "normalize_inputs", "input_signature", "accepts"]
 
@@ -283,7 +284,7 @@ def trace(
     with _training_mode(model, train), bypassed():
         if not args and not kwargs:
             return _symbolic_trace(model)
-        with _caches_disabled(model) if is_hf else contextlib.nullcontext():
+        with _caches_disabled(model) if is_hf else contextlib.nullcontext(), traceable_dynamic_rope(model):
             try:
                 return _export(model, args, kwargs, token_dims=is_hf, dynamic=dynamic)
             except TraceError as e:

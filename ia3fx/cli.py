@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -23,13 +24,28 @@ from collections.abc import Sequence
 from subprocess import SubprocessError
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
-from torch import nn
 
 from .config import CONFIG_NAME, IA3Config
 from .errors import IA3Error, shorten
 from .presets import DEFAULT_PRESET, PRESETS, build_preset, model_from_config
+
+
+class _OnFirstUse:
+    """A module imported on first attribute access: ``ia3fx merge`` runs without torch and
+    transformers, the other subcommands import them when they use them."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)
+
+
+torch = _OnFirstUse("torch")
+nn = _OnFirstUse("torch.nn")
 
 __all__ = ["main", "load_model", "config_from_args", "DEBUG_ENV"]
 
@@ -349,8 +365,8 @@ def cmd_viz(args: argparse.Namespace) -> int:
     from .viz import _BITMAP, _SOURCE, draw
 
     suffix = os.path.splitext(args.out)[1].lower()
-    if suffix not in _SOURCE + tuple(_BITMAP):
-        raise ValueError(f"cannot tell the format from --out {args.out!r}: use .svg, .png, .pdf or .dot")
+    if suffix not in _SOURCE + tuple(_BITMAP) + (".html",):
+        raise ValueError(f"cannot tell the format from --out {args.out!r}: use .svg, .png, .pdf, .dot or .html")
     _check_out(args.out)
     if os.path.isdir(args.out):
         raise ValueError(f"--out {_shown(args.out)} is a directory: pass a file path such as graph{suffix}")
@@ -375,16 +391,102 @@ def cmd_viz(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .analysis import report
 
-    config = config_from_args(args)
+    adapters = args.adapter or []
+    if args.plot is not None:
+        _check_plot(args)
+    if adapters and args.meta:
+        raise ValueError("--adapter reads trained vectors into the model; --meta builds it without weights: drop --meta")
+    flags = ("config", "target_modules", "feedforward_modules", "exclude_modules", "modules_to_save", "task_type")
+    given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
+    if adapters and given:
+        raise ValueError(f"--adapter takes its settings from {adapters[0]}; drop {', '.join(given)}")
+    config = config_from_args(args) if not adapters else None
     progress = _Progress("report", ["load model", "trace and match"])
     try:
         progress.step("load model")
         model = _load_for_graph(args)
         progress.step("trace and match")
-        result = report(model, config)
+        result = report(_with_adapters(model, adapters) if adapters else model, config)
     finally:
         progress.close()
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.text())
+    if args.plot is not None:
+        result.plot(args.plot)
+        print(f"wrote {args.plot}: mean |v-1| per block and site kind, adapters {', '.join(result.vectors)}",
+              file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _check_plot(args: argparse.Namespace) -> None:
+    """``--plot``: a format matplotlib writes, trained vectors to draw, matplotlib installed; before any work."""
+    from .viz_plot import _pyplot
+
+    if os.path.splitext(args.plot)[1].lower() not in (".png", ".svg", ".pdf"):
+        raise ValueError(f"cannot tell the format from --plot {_shown(args.plot)}: use .png, .svg or .pdf")
+    if not args.adapter:
+        raise ValueError("--plot draws how far trained vectors moved from ones: pass --adapter DIR (repeatable, "
+                         "adapters side by side)")
+    _check_out(args.plot, "--plot")
+    try:
+        _pyplot()
+    except ImportError as e:  # the optional extra: bad set-up, one line and exit 2 as bad input
+        raise ValueError(str(e)) from e
+
+
+def _with_adapters(model: nn.Module, adapters: list[str]) -> nn.Module:
+    """``model`` adapted with each adapter directory, named after it (the first one active)."""
+    from .model import IA3Model
+
+    names: list[str] = []
+    for path in adapters:
+        name = re.sub(r"[^0-9A-Za-z_-]+", "_", os.path.basename(os.path.normpath(path))) or "adapter"
+        if hasattr(nn.Module, name):  # "train", "to": attributes cannot name an adapter
+            name = f"adapter_{name}"
+        names.append(name if name not in names else f"{name}_{len(names)}")
+    ia3 = IA3Model.from_pretrained(model, adapters[0], adapter_name=names[0])
+    for path, name in zip(adapters[1:], names[1:]):
+        ia3.load_adapter(path, name)
+    return ia3
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    """Model Explorer on the adapted graph (with overlays), or Netron on an exported .onnx (--netron)."""
+    from .view import open_model_explorer, view, view_netron
+
+    if args.netron:
+        print(view_netron(args.model, browser=not args.no_browser))
+        return 0
+    if args.out is not None:
+        _check_out(args.out, directory=True)
+    flags = ("config", "target_modules", "feedforward_modules", "exclude_modules", "modules_to_save", "task_type")
+    given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
+    if args.adapter and given:
+        raise ValueError(f"--adapter takes its settings from {args.adapter}; drop {', '.join(given)}")
+    if args.adapter and args.meta:
+        raise ValueError("--adapter reads trained vectors into the model; --meta builds it without weights: drop --meta")
+    if not args.no_browser:
+        from .view import _extra
+
+        try:
+            _extra("model_explorer", "ai-edge-model-explorer (Model Explorer)")  # the extra, before any work
+        except ImportError as e:
+            raise ValueError(str(e)) from e
+    config = None if args.adapter else config_from_args(args)
+    model = _load_for_graph(args)
+    if args.adapter:
+        ia3 = _with_adapters(model, [args.adapter])
+    else:
+        from .model import get_ia3_model
+
+        ia3 = get_ia3_model(model, config)
+    t0 = time.perf_counter()
+    files = view(ia3, args.out, base=args.base, browser=False)
+    print(f"wrote {len(files.graphs)} graph(s) and {len(files.overlays)} overlays in {time.perf_counter() - t0:.2f} s")
+    if args.no_browser:
+        print(files.how_to_open())
+        return 0
+    print(f"starting Model Explorer on port {args.port} (Ctrl-C stops it); {files.how_to_open()}")
+    open_model_explorer(files, port=args.port)
     return 0
 
 
@@ -514,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("viz", help="draw the adapted graph (SVG, PNG, PDF, or DOT source)")
     v.add_argument("model", help=model_help)
     _add_adapter_flags(v)
-    v.add_argument("--out", required=True, help="graph.svg, graph.png, graph.pdf or graph.dot (no Graphviz needed)")
+    v.add_argument("--out", required=True, help="graph.svg, graph.png, graph.pdf, graph.dot (no Graphviz needed) or "
+                   "graph.html (interactive: pan, zoom, search, click a fold to expand it)")
     v.add_argument("--view", choices=["folded", "full", "diff"], default="folded",
                    help="folded: repeated blocks once, as × N (default); full: every node; diff: what the rewrite added")
     v.add_argument("--expand", action="append", metavar="PATH",
@@ -526,6 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("model", help=model_help)
     _add_adapter_flags(r)
     r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.add_argument("--adapter", action="append", metavar="DIR",
+                   help="PEFT IA3 adapter directory to report on (repeatable: several adapters side by side in --plot)")
+    r.add_argument("--plot", metavar="PATH", help="also draw how far the vectors moved from ones: out.png, .svg or .pdf "
+                   "(needs matplotlib: pip install 'ia3fx[plot]')")
     r.add_argument("--meta", action="store_true", help=meta_help)
     r.set_defaults(func=cmd_report)
     x = sub.add_parser("export", help="export the adapted model: merged pt2, ONNX, or a transformers checkpoint")
@@ -542,6 +649,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--max-cache-len", type=int, help="positions of the pt2 static cache (default: the model's, at most 2048)")
     x.add_argument("--batch-size", type=int, help="batch of the pt2 static cache (default 1)")
     x.set_defaults(func=cmd_export)
+    e = sub.add_parser("view", help="open the adapted graph in Model Explorer (overlays: roles, vector statistics), "
+                       "or an exported .onnx in Netron (--netron)")
+    e.add_argument("model", help=model_help + "; with --netron, an exported .onnx file")
+    _add_adapter_flags(e)
+    e.add_argument("--adapter", help="PEFT IA3 adapter directory whose vectors to show (instead of the adapter flags)")
+    e.add_argument("--base", action="store_true", help="also the base graph (without ia3fx's nodes), side by side")
+    e.add_argument("--no-browser", action="store_true", help="write the files and print how to open them")
+    e.add_argument("--out", help="directory for the Model Explorer files (default: a new temporary directory)")
+    e.add_argument("--netron", action="store_true", help="MODEL is an exported .onnx: open it in Netron")
+    e.add_argument("--port", type=int, default=8080, help="Model Explorer's port (default 8080)")
+    e.add_argument("--meta", action="store_true", help=meta_help)
+    e.set_defaults(func=cmd_view)
     w = sub.add_parser("swap-adapter", help="write an exported program (unmerged, for generation) with another adapter")
     w.add_argument("exported", help="a .pt2 or .onnx file from ia3fx export --for-generation --unmerged")
     w.add_argument("adapter", help="PEFT IA3 adapter directory with the same target modules")
@@ -612,6 +731,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     prefix = f"ia3fx {args.command}"
+    if not debug:  # torchao, when installed, logs on import: one line per CUDA-only kernel it cannot
+        # load on a CPU machine, and torch's pytree one per enum it registers (a deprecation)
+        for noisy in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*token_id.*")

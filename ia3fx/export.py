@@ -40,7 +40,9 @@ from torch.utils import _pytree as pytree
 from .atomic_files import move_into_place, recover_place, staging_directory
 from .capture import _dim_spec, _dynamic_shapes, _training_mode, is_transformers_model, normalize_inputs
 from .model import IA3Model
+from .onnx_ops import check_translatable, translation_table
 from .passes._lazy import realize
+from .passes.complex_to_real import complex_to_real
 
 __all__ = ["FORMATS", "export", "exported_program", "merged_state_dict"]
 
@@ -225,10 +227,19 @@ def _axis_names(program: Any, token_dims: bool) -> dict[str, str]:
     return mapping
 
 
+def _onnx_ready(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``ep`` with complex values on real pairs (ONNX has none), checked for ops nothing translates."""
+    complex_to_real(ep.graph_module)
+    check_translatable(ep)
+    return ep
+
+
 def _write_onnx(ep: torch.export.ExportedProgram, file: str, token_dims: bool) -> None:
+    ep = _onnx_ready(ep)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        program = torch.onnx.export(ep, dynamo=True, verbose=False, output_names=_output_names(ep) or None)
+        program = torch.onnx.export(ep, dynamo=True, verbose=False, output_names=_output_names(ep) or None,
+                                    custom_translation_table=translation_table())
     program.rename_axes(_axis_names(program, token_dims))
     program.save(file)
 
@@ -241,8 +252,9 @@ def _write_onnx_with_past(ep: torch.export.ExportedProgram, file: str, meta: dic
         warnings.simplefilter("ignore", DeprecationWarning)
         # unoptimised when it holds vectors: the optimiser drops a multiply by a vector of ones
         # (a fresh adapter), and with it the initializer that swap_adapter replaces
+        ep = _onnx_ready(ep)
         program = torch.onnx.export(ep, dynamo=True, verbose=False, input_names=inputs, output_names=outputs,
-                                    optimize=meta["merged"])
+                                    optimize=meta["merged"], custom_translation_table=translation_table())
     program.rename_axes(onnx_axis_names(program, meta["num_layers"]))
     held = set(program.model.graph.initializers)
     lost = [name for name in meta["vectors"] if name not in held]
@@ -424,6 +436,10 @@ def _write_program(ep: torch.export.ExportedProgram, meta: dict | None, format: 
     else:
         say("convert to ONNX")
         _write_onnx(ep, file, token_dims=is_transformers_model(model.model))
+    if format == "onnx":  # Netron shows the scale multiplies as ia3/<layer>/<input|output>
+        from .onnx_names import name_adapter_nodes
+
+        name_adapter_nodes(file)
 
 
 def _write_model_files(model: IA3Model, directory: str, tokenizer: Any) -> None:

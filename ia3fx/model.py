@@ -112,6 +112,8 @@ class IA3Model(AdapterStoreMixin, WholeGraphMixin, BlockInstallMixin, MergeMixin
         self._disabled = False
         self._merged: list[str] = []
         self._originals: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+        self._kept: set[tuple[str, str]] = set()  # (adapter, layer) merged, quantized, kept as a multiply
+        self.merge_report = None  # what the last merge into a quantized base folded, kept (quantized_merge)
         self._product_slots: list[Slot] = []
         self._unloaded_by: str | None = None  # merge_and_unload / unload: the model was handed back
 

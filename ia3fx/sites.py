@@ -260,7 +260,14 @@ def find_call_sites(gm: GraphModule, config: Any = None, *, model: nn.Module | N
     With ``config`` (an :class:`~ia3fx.IA3Config`), each site also says whether it is targeted
     and whether it is feedforward, decided by PEFT's rules on the layer names (and on ``model``'s
     module types when given, which ``"all-linear"`` and PEFT's errors need).
+
+    A linear on a quantized weight (torchao's tensor subclasses) that the trace expanded into the
+    subclass's kernel is first collapsed back into one ``F.linear`` on that weight, in place
+    (the same computation: see :mod:`ia3fx.quantized_sites`); it is then a ``linear`` site.
     """
+    from .quantized_sites import collapse_quantized_linears
+
+    collapse_quantized_linears(gm)
     sites: list[CallSite] = []
     counts: Counter[str] = Counter()
     for node in gm.graph.nodes:

@@ -21,6 +21,7 @@ from .config import (
     IA3Config,
 )
 from .errors import NoMatchingModuleError, shorten
+from .name_rules import _excluded, _feedforward, _guarded, _matches, _modules_to_save
 from .sites import CONV_KINDS, CallSite, vector_shape
 
 __all__ = ["Layer", "Target", "Selection", "select_targets", "resolve_config", "model_layers"]
@@ -182,51 +183,6 @@ def resolve_config(config: IA3Config, model: nn.Module | None = None, layers: Se
     return cfg
 
 
-def _excluded(name: str, exclude: object) -> bool:
-    if not exclude:
-        return False
-    if isinstance(exclude, str):
-        return re.fullmatch(exclude, name) is not None
-    return name in exclude or any(name.endswith(f".{e}") for e in exclude)
-
-
-def _guarded(name: str, modules_to_save: Sequence[str] | None) -> bool:
-    # PEFT uses the names unescaped, as regexes; so do we, so that a PEFT config means the same here
-    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save)
-
-
-def _matches(name: str, targets: object) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return name in targets or any(name.endswith(f".{t}") for t in targets)
-
-
-def _feedforward(name: str, ff: object) -> bool:
-    if isinstance(ff, str):
-        return re.fullmatch(ff, name) is not None
-    hits = [t for t in ff if name.endswith(t)]
-    if hits and not any(name == t or name.endswith(f".{t}") for t in hits):
-        warnings.warn(
-            f"feedforward_modules entry {hits[0]!r} marks {name!r} as feedforward through a plain "
-            "suffix match (PEFT's rule, kept so that PEFT files mean the same here); use the full "
-            "name or a regex if that is not intended",
-            stacklevel=4,
-        )
-    return bool(hits)
-
-
-def _modules_to_save(names: Sequence[str], modules_to_save: Sequence[str] | None) -> list[str]:
-    """PEFT's wrapping rule (plain ``endswith``); a module inside an already chosen one is skipped."""
-    if not modules_to_save:
-        return []
-    chosen: list[str] = []
-    for name in names:
-        if name and any(name.endswith(m) for m in modules_to_save):
-            if not any(name.startswith(c + ".") for c in chosen):
-                chosen.append(name)
-    return chosen
-
-
 def select_targets(
     config: IA3Config,
     sites: Sequence[CallSite],
@@ -289,6 +245,7 @@ def select_targets(
     saved = _modules_to_save(names, cfg.modules_to_save)
     _refuse_saved_targets(targets, saved, cfg)
     _warn_unmatched(config, layers, targets, names)
+    _warn_unmatched_defaults(config, cfg, layers)
     return Selection(cfg, targets, skipped, saved)
 
 
@@ -334,6 +291,24 @@ def _warn_unmatched(config: IA3Config, layers: Sequence[Layer], targets: dict[st
             unmatched.append((f"modules_to_save entry {m!r}", "module"))
     for what, among in unmatched:
         warnings.warn(f"{what} matches no {among} of this model; check its spelling", stacklevel=4)
+
+
+def _warn_unmatched_defaults(config: IA3Config, cfg: IA3Config, layers: Sequence[Layer]) -> None:
+    """PEFT's default targets for a model type can name layers that this version of transformers
+    no longer has (Mixtral's ``w2``: its experts are fused 3-d tensors in transformers 5, not
+    Linear layers). Both libraries then adapt fewer layers than the mapping promises; say so."""
+    if config.target_modules is not None or not isinstance(cfg.target_modules, (list, set)):
+        return
+    layer_names = [ly.name for ly in layers]
+    missing = sorted(e for e in cfg.target_modules if not any(_matches(n, [e]) for n in layer_names))
+    if missing:
+        kept = sorted(set(cfg.target_modules) - set(missing))
+        warnings.warn(
+            f"the default target_modules for this model type include {', '.join(map(repr, missing))}, which "
+            f"matches no layer of this model (PEFT adapts the same); only {kept} are adapted. Name target_modules "
+            "to choose the layers yourself.",
+            stacklevel=4,
+        )
 
 
 def _graph_module_names(sites: Sequence[CallSite]) -> list[str]:

@@ -681,6 +681,13 @@ def to_dot(
     legend: bool = True,
 ) -> graphviz.Digraph:
     """The DOT graph :func:`draw` would write (a ``graphviz.Digraph``; ``.source`` is the text)."""
+    return _dot_and_layout(model_or_graph, view=view, expand=expand, base=base, legend=legend)[0]
+
+
+def _dot_and_layout(
+    model_or_graph: Any, *, view: str, expand: Any, base: Any, legend: bool
+) -> tuple[graphviz.Digraph, _Layout, GraphModule]:
+    """The DOT graph with the layout that decided it (folds, what is drawn) and the graph drawn."""
     if view not in VIEWS:
         raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {view!r}")
     if base is not None and view != "diff":
@@ -713,7 +720,7 @@ def to_dot(
     _emit(g, _cluster_tree(items), layout, "")
     for u, v, attrs in edges:
         g.edge(u, v, **attrs)
-    return g
+    return g, layout, gm
 
 
 def draw(
@@ -725,19 +732,24 @@ def draw(
     base: Any = None,
     legend: bool = True,
 ) -> graphviz.Digraph:
-    """Draw an ``IA3Model`` or ``GraphModule`` to ``path`` (``.dot``/``.gv``, ``.svg``, ``.png``, ``.pdf``).
+    """Draw an ``IA3Model`` or ``GraphModule`` to ``path`` (``.dot``/``.gv``, ``.svg``, ``.png``, ``.pdf``, ``.html``).
 
     ``view``: ``"folded"`` (module clusters, identical repeated blocks drawn once as ``× N``),
     ``"full"`` (every node) or ``"diff"`` (what the rewrite added against ``base``; default: the
     nodes ia3fx tagged). ``expand``: module path(s) to draw in full inside the folded view, e.g.
     ``"model.layers.3"``. Returns the ``graphviz.Digraph``; with ``path=None`` nothing is written.
-    A ``.dot`` file needs no Graphviz binary; other formats need ``dot`` on ``PATH``.
+    A ``.dot`` file needs no Graphviz binary; other formats need ``dot`` on ``PATH``. ``.html`` writes
+    the interactive page of :mod:`ia3fx.viz_html` (pan, zoom, search, click a fold to expand it).
     """
+    suffix = os.path.splitext(os.fspath(path))[1].lower() if path is not None else ""
+    if suffix == ".html":  # the interactive page: its own module (pan, zoom, search, expand, hover)
+        from .viz_html import write_html
+
+        return write_html(model_or_graph, path, view=view, expand=expand, base=base)
     g = to_dot(model_or_graph, view=view, expand=expand, base=base, legend=legend)
     if path is None:
         return g
     path = os.fspath(path)
-    suffix = os.path.splitext(path)[1].lower()
     if suffix in _SOURCE:
         data = g.source.encode()
     elif suffix in _BITMAP:
@@ -750,7 +762,13 @@ def draw(
             ) from e
     else:
         known = ", ".join(_SOURCE + tuple(_BITMAP))
-        raise ValueError(f"cannot tell the format from {path!r}: use one of {known}")
+        raise ValueError(f"cannot tell the format from {path!r}: use one of {known} or .html")
+    _write_file(path, data)
+    return g
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary next to it, so a failed write leaves no partial file."""
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
@@ -765,4 +783,3 @@ def draw(
         with contextlib.suppress(FileNotFoundError):
             os.remove(staged)
         raise
-    return g

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -277,6 +278,16 @@ def randomize_peft(peft_model, seed: int = 123) -> None:
                 p.add_(0.5 * torch.randn(p.shape, generator=g))
 
 
+def move_vectors(ia3, spread: float, seed: int = 0):
+    """``ia3``'s trainable vectors set to ``1 + spread * N(0, 1)``, as if trained; returns ``ia3``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ia3.parameters():
+            if p.requires_grad:
+                p.copy_(1 + spread * torch.randn(p.shape, generator=g))
+    return ia3
+
+
 def peft_and_ia3(model: nn.Module, peft_kwargs: dict, example_inputs=None, seed: int = 123):
     """(peft_model, ia3_model) built on two copies of ``model``, with the same random adapter."""
     import peft
@@ -329,3 +340,18 @@ def saved_base_and_adapter(tmp_path):
     randomize_peft(pm)
     pm.save_pretrained(adapter)
     return base, adapter
+
+
+def pytest_itemcollected(item):
+    """Groups for pytest-xdist's ``--dist loadgroup`` (``.ci/run``): a file's tests run on one worker,
+    so that its module fixtures and caches are built once, except the two longest files, whose
+    tests are independent: the examples and docs pages one by one, the architecture table one
+    architecture (its columns share one adapted model) at a time. (Marked as each test is collected:
+    pytest-xdist reads the marks in its own ``pytest_collection_modifyitems``.)"""
+    name = item.path.name
+    if name == "test_examples.py":
+        return
+    group = name
+    if name == "test_architectures.py":
+        group = f"{name}:{item.callspec.params['name']}"
+    item.add_marker(pytest.mark.xdist_group(group))

@@ -101,7 +101,7 @@ def test_viz_subprocess_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"ia3fx viz: error: cannot tell the format from --out '{tmp_path / 'g.bmp'}': use .svg, .png, .pdf or .dot"
+        f"ia3fx viz: error: cannot tell the format from --out '{tmp_path / 'g.bmp'}': use .svg, .png, .pdf, .dot or .html"
     ]
     proc = subprocess.run([sys.executable, "-m", "ia3fx", "viz", "tiny-llama"], capture_output=True, text=True,
                           timeout=600)

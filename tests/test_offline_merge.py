@@ -7,10 +7,12 @@ give the same logits. Then every refusal: bad inputs, overlapping directories, f
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import struct
+import threading
 
 import peft
 import pytest
@@ -29,7 +31,7 @@ from conftest import (
 from safetensors.torch import load_file, save_file
 
 import ia3fx
-from ia3fx import offline
+from ia3fx import offline, offline_fold, offline_meta, offline_plan, offline_stream
 from ia3fx.cli import main
 from ia3fx.offline import CheckpointError, merge_checkpoint, read_safetensors_header
 
@@ -64,6 +66,20 @@ def read_dir(path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.fixture
+def model_plans(monkeypatch) -> list[str]:
+    """Base directories the merge planned by building the model on the meta device (the slow path)."""
+    calls: list[str] = []
+    real = offline_meta.layers_from_model
+
+    def spy(base_dir, config):
+        calls.append(base_dir)
+        return real(base_dir, config)
+
+    monkeypatch.setattr(offline_meta, "layers_from_model", spy)
+    return calls
+
+
 def assert_bit_identical(out_dir, reference: torch.nn.Module, base_dir) -> None:
     got, base = read_dir(out_dir), read_dir(base_dir)
     ref = reference.state_dict()
@@ -80,12 +96,13 @@ def assert_bit_identical(out_dir, reference: torch.nn.Module, base_dir) -> None:
 @pytest.mark.parametrize("shard", [None, "20KB"], ids=["single", "sharded"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_bit_identical_to_peft_merge_and_unload(tmp_path, family, dtype, shard):
+def test_bit_identical_to_peft_merge_and_unload(tmp_path, family, dtype, shard, model_plans):
     base, adapter, merged = make_checkpoint(tmp_path, family, dtype, shard)
     if shard:
         assert len([f for f in os.listdir(base) if f.endswith(".safetensors")]) > 1
     report = merge_checkpoint(base, adapter, tmp_path / "out", progress=False)
     assert_bit_identical(tmp_path / "out", merged, base)
+    assert model_plans == []  # planned from names (GPT-2: Conv1D), no model built
     assert report.tensors_merged > 0 and report.files_written == len(os.listdir(base)) + 1
     if family == "bert":
         assert report.tensors_replaced == 2  # classifier.weight, classifier.bias
@@ -118,17 +135,19 @@ def test_bit_identical_to_ia3fx_in_memory_merge(tmp_path, family):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_row_blocks_give_the_same_bits(tmp_path, family, monkeypatch):
-    """Weights are folded a few rows at a time; tiny blocks must not change a bit."""
-    monkeypatch.setattr(offline, "FOLD_CHUNK_BYTES", 100)
-    monkeypatch.setattr(offline, "COPY_CHUNK_BYTES", 1000)
+    """Weights are folded a few rows at a time, and bf16 blocks a few values at a time within a
+    block (in cache); tiny blocks and slices (smaller than a row, and with a short last one) must not change a bit."""
+    monkeypatch.setattr(offline_stream, "FOLD_CHUNK_BYTES", 100)
+    monkeypatch.setattr(offline_fold, "BF16_PASS_ELEMENTS", 7)
+    monkeypatch.setattr(offline_stream, "COPY_CHUNK_BYTES", 1000)
     base, adapter, merged = make_checkpoint(tmp_path, family, torch.bfloat16, "20KB")
     merge_checkpoint(base, adapter, tmp_path / "out", progress=False)
     assert_bit_identical(tmp_path / "out", merged, base)
 
 
 def test_buffered_copy_when_the_kernel_cannot(tmp_path, monkeypatch):
-    monkeypatch.setattr(offline, "BUFFER_BYTES", 4096)
-    monkeypatch.setattr(offline, "USE_COPY_FILE_RANGE", False)
+    monkeypatch.setattr(offline_stream, "BUFFER_BYTES", 4096)
+    monkeypatch.setattr(offline_stream, "USE_COPY_FILE_RANGE", False)
     base, adapter, merged = make_checkpoint(tmp_path, "llama", shard="20KB")
     merge_checkpoint(base, adapter, tmp_path / "out", progress=False)
     assert_bit_identical(tmp_path / "out", merged, base)
@@ -149,7 +168,7 @@ def test_conv2d_with_groups(tmp_path, ff, monkeypatch):
                     p.normal_()  # transformers zero-inits them: make the bias fold visible
         return model
 
-    monkeypatch.setattr(offline, "FOLD_CHUNK_BYTES", 64)
+    monkeypatch.setattr(offline_stream, "FOLD_CHUNK_BYTES", 64)
     kwargs = {"target_modules": ["dwconv", "pwconv2", "patch_embeddings"], "feedforward_modules": ff}
     base, adapter, merged = make_checkpoint(tmp_path, "llama", peft_kwargs=kwargs, factory=convnext)
     merge_checkpoint(base, adapter, tmp_path / "out", progress=False)
@@ -214,9 +233,17 @@ def test_other_files_are_copied_and_stale_weights_left_out(tmp_path):
 def test_progress_callback_and_cli(tmp_path, capsys):
     base, adapter, merged = make_checkpoint(tmp_path, "llama")
     seen = []
-    merge_checkpoint(base, adapter, tmp_path / "out", progress=lambda done, total: seen.append((done, total)))
+    threads = set()
+
+    def callback(done, total):
+        seen.append((done, total))
+        threads.add(threading.current_thread())
+
+    merge_checkpoint(base, adapter, tmp_path / "out", progress=callback)
     total = sum(os.path.getsize(base / f) for f in os.listdir(base))
     assert seen and seen[-1] == (total, total)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert threads == {threading.main_thread()}  # never from the copying thread
 
     assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "cli")]) == 0
     assert "merged 6 layers" in capsys.readouterr().out
@@ -252,13 +279,27 @@ def test_vector_of_the_wrong_shape(tmp_path):
         merge_checkpoint(base, adapter, tmp_path / "out", progress=False)
 
 
-def test_checkpoint_that_does_not_fit_its_config(tmp_path):
+def test_checkpoint_that_does_not_fit_its_config(tmp_path, model_plans):
+    """Planned from names, vectors are checked against the checkpoint's own weights (what is
+    merged); planned from the model (here: targets as a regex), also against config.json."""
     base, adapter, _ = make_checkpoint(tmp_path, "llama")
     config = json.loads((base / "config.json").read_text())
     config["intermediate_size"] = 256
     (base / "config.json").write_text(json.dumps(config))
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.mlp.down_proj.ia3_l"
+    tensors[key] = torch.ones(1, 256)  # fits config.json, not the checkpoint's (64, 128) weight
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"{key}' has shape \[1, 256\], the layer needs \[1, 128\]"):
+        merge_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    assert model_plans == []
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    adapter_config["target_modules"] = r".*\.(k_proj|v_proj|down_proj)"
+    (adapter / "adapter_config.json").write_text(json.dumps(adapter_config))
     with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.mlp\.down_proj\.weight' has shape \[64, 128\].*\[64, 256\]"):
         merge_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    assert model_plans == [str(base)]
+    assert not (tmp_path / "out").exists()
 
 
 def test_modules_to_save_tensor_of_the_wrong_shape(tmp_path):
@@ -409,13 +450,14 @@ def test_failure_midway_leaves_no_output(tmp_path, existing, monkeypatch):
             raise KeyboardInterrupt  # Ctrl-C in the middle of the second shard or so
         return real_fold(*args, **kwargs)
 
-    real_fold = offline.fold_weight
-    monkeypatch.setattr(offline, "fold_weight", failing_fold)
+    real_fold = offline_fold.fold_block
+    monkeypatch.setattr(offline_fold, "fold_block", failing_fold)
     threads = torch.get_num_threads()
     with pytest.raises(KeyboardInterrupt):
         merge_checkpoint(base, adapter, out, force=True, progress=False)
     assert len(calls) == 3
-    assert torch.get_num_threads() == threads  # the merge folds on one thread, then restores
+    assert torch.get_num_threads() == threads  # the merge leaves torch's settings alone
+    assert not [t for t in threading.enumerate() if t.name == "ia3fx-merge-copy"]  # the copy was stopped
     if existing:
         assert snapshot(out) == before
     else:
@@ -435,14 +477,14 @@ def test_peak_memory_does_not_grow_with_the_checkpoint(tmp_path, monkeypatch):
 
     base, adapter, merged = make_checkpoint(tmp_path, "llama", factory=wide_llama)
     sizes = []
-    real = offline._read_exact
+    real = offline_stream.read_exact
 
     def spy(fd, n, offset, buf=None):
         sizes.append(len(buf) if buf is not None else n)
         return real(fd, n, offset, buf)
 
-    monkeypatch.setattr(offline, "_read_exact", spy)
-    monkeypatch.setattr(offline, "FOLD_CHUNK_BYTES", 256 * 1024)
+    monkeypatch.setattr(offline_stream, "read_exact", spy)
+    monkeypatch.setattr(offline_stream, "FOLD_CHUNK_BYTES", 256 * 1024)
     merge_checkpoint(base, adapter, tmp_path / "out", progress=False)
     assert_bit_identical(tmp_path / "out", merged, base)
     down_proj = 256 * 4096 * 4
@@ -467,3 +509,223 @@ def test_base_layers_saved_in_the_adapter_are_loaded_then_folded(tmp_path):
     reference = peft.PeftModel.from_pretrained(reloaded, tmp_path / "adapter").merge_and_unload()
     merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", progress=False)
     assert_bit_identical(tmp_path / "out", reference, tmp_path / "base")
+
+
+# --- the fast path: names instead of the model, numpy instead of torch, the kernel copying ------
+def test_merge_command_imports_neither_torch_nor_transformers(tmp_path):
+    """``ia3fx merge`` on a Llama checkpoint runs in an interpreter that never imports them."""
+    import subprocess
+    import sys
+
+    base, adapter, merged = make_checkpoint(tmp_path, "llama", torch.bfloat16, "20KB")
+    code = (
+        "import json, sys\nfrom ia3fx.cli import main\n"
+        f"rc = main(['merge', '--base', {str(base)!r}, '--adapter', {str(adapter)!r}, '--out', {str(tmp_path / 'out')!r}])\n"
+        "print(json.dumps([rc, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft'))]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    rc, heavy = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (rc, heavy) == (0, []), proc.stderr
+    assert_bit_identical(tmp_path / "out", merged, base)
+
+
+def test_targets_the_names_cannot_settle_are_planned_with_the_model(tmp_path, model_plans):
+    """A regex target (it could match modules the checkpoint holds no tensor of): the meta model."""
+    base, _, _ = make_checkpoint(tmp_path, "llama")
+    kwargs = {"target_modules": r".*\.(k_proj|down_proj)", "feedforward_modules": r".*\.down_proj"}
+    _, adapter, merged = make_checkpoint(tmp_path / "regex", "llama", peft_kwargs=kwargs)
+    merge_checkpoint(tmp_path / "regex" / "base", adapter, tmp_path / "out", progress=False)
+    assert_bit_identical(tmp_path / "out", merged, tmp_path / "regex" / "base")
+    assert model_plans == [str(tmp_path / "regex" / "base")]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_names_and_model_give_the_same_layers(tmp_path, family):
+    """The plan from names equals the meta model's: kinds (GPT-2's Conv1D from CONV1D_LAYERS),
+    placements, shapes, biases, modules_to_save."""
+    kwargs = {"gpt2": {"target_modules": ["c_attn", "c_proj", "c_fc"], "feedforward_modules": ["c_fc"]}}.get(family)
+    base, adapter, _ = make_checkpoint(tmp_path, family, peft_kwargs=kwargs)
+    config = offline._read_adapter(str(adapter)).config
+    tensors = read_safetensors_header(base / "model.safetensors").tensors
+    with pytest.warns() if family == "bert" else contextlib.nullcontext():  # PEFT saves classifier and score
+        by_names = offline_plan.layers_from_names(str(base), config, tensors)
+    by_model = offline_meta.layers_from_model(str(base), config)
+    assert by_names.targets == by_model.targets and by_names.modules_to_save == by_model.modules_to_save
+    kinds = {t.kind for t in by_names.targets.values()}
+    assert kinds == ({"conv1d"} if family == "gpt2" else {"linear"})
+
+
+def test_conv1d_table_matches_transformers():
+    """CONV1D_LAYERS names exactly the Conv1D modules transformers builds for those architectures,
+    and no nn.Linear of theirs has such a name."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.pytorch_utils import Conv1D
+
+    small = {"n_embd": 16, "n_layer": 1, "n_head": 2, "hidden_size": 16, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "add_cross_attention": True}
+    for model_type, names in offline_plan.CONV1D_LAYERS.items():
+        with torch.device("meta"):
+            model = AutoModel.from_config(AutoConfig.for_model(model_type, **small))
+        conv1d = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, Conv1D)}
+        linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert conv1d == names and not (linear & names), model_type
+
+
+def test_kernel_clone_path_writes_only_the_planned_ranges(tmp_path, monkeypatch):
+    """Where the filesystem clones files (FICLONE), only the planned tensors are written over the
+    clone; here the clone is emulated by a full in-kernel copy, so the same code path runs."""
+    base, adapter, merged = make_checkpoint(tmp_path, "gpt2", torch.bfloat16, "20KB")
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x" * 10)
+    src, dst = os.open(probe, os.O_RDONLY), os.open(tmp_path / "probe-copy", os.O_WRONLY | os.O_CREAT)
+    try:
+        cloned = offline_stream.clone_file(src, dst)  # True on btrfs/XFS, False on ext4/tmpfs: never an error
+    finally:
+        os.close(src), os.close(dst)
+    assert cloned == ((tmp_path / "probe-copy").read_bytes() == b"x" * 10)
+    clones = []
+
+    def full_copy(src_fd, dst_fd):
+        size = os.fstat(src_fd).st_size
+        done = 0
+        while done < size:
+            done += os.copy_file_range(src_fd, dst_fd, size - done, done, done)
+        clones.append(size)
+        return True
+
+    monkeypatch.setattr(offline_stream, "clone_file", full_copy)
+    seen = []
+    merge_checkpoint(base, adapter, tmp_path / "out", progress=lambda done, total: seen.append((done, total)))
+    assert len(clones) == len([f for f in os.listdir(base) if f.endswith(".safetensors")]) > 1
+    assert_bit_identical(tmp_path / "out", merged, base)
+    assert seen[-1][0] == seen[-1][1]
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64"])
+def test_numpy_fold_equals_torch_bit_for_bit(dtype):
+    """offline_fold's conversions and products against torch's (the arithmetic of PEFT and ia3fx.scaling),
+    on random values and the edge cases: ties, subnormals, overflow to inf, inf, NaN."""
+    from ia3fx.scaling import fold_weight
+
+    tdtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}[dtype]
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 96, generator=g, dtype=torch.float64).mul(torch.logspace(-8, 8, 96, dtype=torch.float64))
+    w[0, :6] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e-42], dtype=torch.float64)
+    w = w.to(tdtype)
+    vdtype = torch.float64 if dtype == "F64" else torch.float32
+    v = (1 + torch.randn(96, generator=g)).to(vdtype)
+    v[:3] = torch.tensor([3e38, 1e-39, -2.0])
+    raw = w.contiguous().view(torch.uint8).numpy().tobytes()
+    for feedforward in (False, True):
+        vec = v if feedforward else v[:64]
+        want = fold_weight(w, vec, "linear", feedforward)
+        scale = offline_fold.weight_scale("linear", feedforward, vec.numpy(), tuple(w.shape))
+        got = offline_fold.fold_block(raw, dtype, dtype, tuple(w.shape), scale)
+        want_bits = want.view(torch.uint8).numpy()
+        assert got.tobytes() == want_bits.tobytes(), (dtype, feedforward)
+    wide = torch.randn(4096, generator=g, dtype=torch.float64) * 1e3
+    for other in ("BF16", "F16", "F32"):  # narrowing an adapter's copy to the base's dtype (fp64 via fp32, as torch)
+        t = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[other]
+        assert offline_fold.encode(wide.numpy(), other).tobytes() == wide.to(t).view(torch.uint8).numpy().tobytes()
+
+
+def test_a_failed_range_copy_fails_the_merge_and_leaves_no_output(tmp_path, monkeypatch):
+    """An error of the kernel's copy midway (here EIO on the fourth range) reaches the caller, and the
+    merge leaves nothing behind."""
+    import errno
+
+    base, adapter, _ = make_checkpoint(tmp_path, "llama", shard="20KB")
+    real = os.copy_file_range
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        merge_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "base"]
+
+
+@pytest.mark.parametrize("dtype", ["F64", "F32", "F16", "BF16"])
+def test_nonfinite_check_on_bytes_equals_numpys(dtype):
+    """The plan checks vectors for NaN/inf on their exponent bits, without numpy: every 16-bit
+    pattern one by one, and for fp32/fp64 the patterns around inf and NaN plus random ones, alone
+    and hidden in a finite vector."""
+    import numpy as np
+
+    wide = {"F64": np.uint64, "F32": np.uint32, "F16": np.uint16, "BF16": np.uint16}[dtype]
+    if wide is np.uint16:
+        patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    else:
+        bits = 64 if dtype == "F64" else 32
+        mant = 52 if dtype == "F64" else 23
+        inf = ((1 << (bits - mant - 1)) - 1) << mant
+        near = [inf - 1, inf, inf + 1, inf | ((1 << mant) - 1), inf >> 1, 0, 1, (1 << mant) - 1]
+        near += [p | (1 << (bits - 1)) for p in near]
+        rng = np.random.default_rng(0)
+        patterns = np.concatenate([np.array(near, dtype=wide), rng.integers(0, 1 << (bits - 1), 2000, dtype=np.uint64,
+                                                                             endpoint=True).astype(wide)])
+    values = offline_fold.decode(patterns.tobytes(), dtype)
+    want = ~np.isfinite(values)
+    got = [offline_plan.has_nonfinite(p.tobytes(), dtype) for p in patterns]
+    assert got == want.tolist() and want.any() and not want.all()
+    finite = patterns[~want][:500]
+    assert not offline_plan.has_nonfinite(finite.tobytes(), dtype)
+    for bad in patterns[want][:20]:
+        hidden = finite.copy()
+        hidden[123] = bad
+        assert offline_plan.has_nonfinite(hidden.tobytes(), dtype)
+
+
+def test_the_plan_is_checked_and_copying_started_before_numpy_is_imported(tmp_path):
+    """numpy's import (a fifth of a second) overlaps with the kernel's copy: the plan, its checks
+    (vectors' NaN/inf included) and the start of the copying need no numpy."""
+    import subprocess
+    import sys
+
+    base, adapter, merged = make_checkpoint(tmp_path, "llama", torch.bfloat16, "20KB")
+    code = (
+        "import json, sys\nfrom ia3fx import offline, offline_stream\nseen = []\nreal = offline.start_copying\n"
+        "def spy(jobs):\n    seen.append('numpy' in sys.modules)\n    return real(jobs)\n"
+        "offline.start_copying = spy\n"
+        f"offline.merge_checkpoint({str(base)!r}, {str(adapter)!r}, {str(tmp_path / 'out')!r}, progress=False)\n"
+        "print(json.dumps([seen, 'numpy' in sys.modules]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [[False], True]
+    assert_bit_identical(tmp_path / "out", merged, base)
+
+
+def test_a_failed_fold_stops_a_copy_still_running(tmp_path, monkeypatch):
+    """The copying thread is still at work (each of its chunks slowed down) when a fold fails: the
+    thread is stopped within a chunk, the error reaches the caller, and nothing is left behind."""
+    import time
+
+    base, adapter, _ = make_checkpoint(tmp_path, "llama", shard="20KB")
+    monkeypatch.setattr(offline_stream, "COPY_CHUNK_BYTES", 512)
+    real_copy = os.copy_file_range
+    copied = []
+
+    def slow_copy(*args):
+        copied.append(threading.current_thread().name)
+        time.sleep(0.01)
+        return real_copy(*args)
+
+    def failing_fold(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "copy_file_range", slow_copy)
+    monkeypatch.setattr(offline_fold, "fold_block", failing_fold)
+    with pytest.raises(OSError, match="No space left"):
+        merge_checkpoint(base, adapter, tmp_path / "out", progress=False)
+    assert not [t for t in threading.enumerate() if t.name == "ia3fx-merge-copy"]
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "base"]
+    total = sum(os.path.getsize(base / f) for f in os.listdir(base) if f.endswith(".safetensors"))
+    assert copied and set(copied) == {"ia3fx-merge-copy"} and len(copied) < total // 512  # stopped early

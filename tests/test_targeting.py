@@ -141,3 +141,22 @@ def test_select_targets_without_model_uses_graph_names():
     sel = select_targets(ia3fx.IA3Config(target_modules=["k_proj"], feedforward_modules=[]), sites)
     assert set(sel.targets) == {"model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.k_proj"}
     assert sel.skipped["lm_head"] == "not matched by target_modules"
+
+
+def test_a_default_target_that_matches_nothing_is_warned_and_peft_adapts_the_same():
+    """Mixtral's default ``w2`` names a Linear that transformers 5 fused into a 3-d expert tensor:
+    both libraries adapt k_proj and v_proj only; ia3fx says so."""
+    import transformers as T
+
+    config = T.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+                             num_experts_per_tok=1)
+    torch.manual_seed(0)
+    model = T.MixtralForCausalLM(config)
+    with pytest.warns(UserWarning, match=r"default target_modules .* include 'w2', which matches no layer.*\['k_proj', 'v_proj'\]"):
+        ia3 = ia3fx.get_ia3_model(copy.deepcopy(model), ia3fx.IA3Config())
+    assert {t.rsplit(".", 1)[-1] for t in ia3.targets} == {"k_proj", "v_proj"}
+    assert set(ia3.targets) == set(peft_targets(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model whose defaults all match: no such warning
+        ia3fx.get_ia3_model(tiny_llama(), ia3fx.IA3Config())

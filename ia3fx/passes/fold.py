@@ -1,6 +1,8 @@
 """``fold_scales``: fold every scale node into its call site's weights and remove it.
 
-The result has exactly the base graph's operations. Folded weights are new tensors bound in the
+The result has exactly the base graph's operations, except on a quantized weight where a vector
+does not fold without new rounding (``quantized_merge.py``): that scale node is kept
+(``FoldResult.kept``). Folded weights are new tensors bound in the
 graph's own containers, so the model the graph was captured from is not touched. A weight that
 something other than the folded layer also reads (a tied embedding) is refused with an error
 naming both readers: folding it would silently scale the other one too.
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from ..quantized_merge import fold_quantized, is_quantized_weight
 from ..scaling import fold_bias, fold_weight
 from ..sites import CallSite, find_call_sites, get_attr_path
 from ._graph import VECTOR_ROOT, owner_path, set_module, set_tensor
@@ -28,6 +31,7 @@ class SharedWeightError(ValueError):
 @dataclass
 class FoldResult:
     folded: dict[str, list[str]] = field(default_factory=dict)  # layer -> placements folded
+    kept: dict[str, list[str]] = field(default_factory=dict)  # layer -> placements kept as a multiply (quantized)
     removed_nodes: int = 0
 
 
@@ -84,26 +88,39 @@ def fold_scales(gm: GraphModule) -> tuple[GraphModule, FoldResult]:
         weight = get_attr_path(gm, site.weight)
         _check_unshared(gm, layer, sites, weight)
         bias = get_attr_path(gm, site.bias) if site.bias else None
-        new_w, new_b = weight.detach(), bias.detach() if bias is not None else None
+        new_w, new_b = weight.detach() if not is_quantized_weight(weight) else weight, bias.detach() if bias is not None else None
         placements = sorted({n.meta["ia3fx"]["scale"] for n in nodes})
+        folded = []
         for placement in placements:
             vec = get_attr_path(gm, f"{VECTOR_ROOT}.{layer}.{placement}").detach()
             ff = placement == "input"
-            new_b = fold_bias(new_b, vec, site.kind, ff, new_w.dtype)
-            new_w = fold_weight(new_w, vec, site.kind, ff, site.groups)
-        plans.append((layer, site, placements, new_w, new_b))
+            if is_quantized_weight(new_w):  # only where no new rounding comes in: quantized_merge.py
+                fold = fold_quantized(new_w, new_b, vec, ff)
+                if fold.how == "kept":
+                    result.kept[layer] = [*result.kept.get(layer, []), placement]
+                    continue
+                new_w, new_b = fold.weight, fold.bias
+            else:
+                new_b = fold_bias(new_b, vec, site.kind, ff, new_w.dtype)
+                new_w = fold_weight(new_w, vec, site.kind, ff, site.groups)
+            folded.append(placement)
+        if folded:
+            plans.append((layer, site, folded, new_w, new_b))
     for layer, site, placements, new_w, new_b in plans:
         _bind_weight(gm, site, new_w, new_b)
         result.folded[layer] = placements
     for n in gm.graph.nodes:
         n.meta.pop("ia3fx_scaled", None)
     for n in scale_nodes:
+        info = n.meta["ia3fx"]
+        if info["scale"] in result.kept.get(info["layer"], ()):
+            continue  # stays a multiply: the vector does not fold into the quantized weight exactly
         result.removed_nodes += _remove_scale(gm, n)
     for n in list(gm.graph.nodes):  # vector reads left without users
         if n.op == "get_attr" and n.meta.get("ia3fx") and not n.users:
             gm.graph.erase_node(n)
             result.removed_nodes += 1
-    if hasattr(gm, VECTOR_ROOT):
+    if hasattr(gm, VECTOR_ROOT) and not result.kept:
         delattr(gm, VECTOR_ROOT)
     gm.graph.lint()
     gm.recompile()

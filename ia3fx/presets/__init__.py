@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported when a model is built: the CLI's parser needs only the names
+    from torch import nn
 
 __all__ = ["PRESETS", "DEFAULT_PRESET", "preset_config", "build_preset", "model_from_config"]
 
@@ -29,6 +30,7 @@ def preset_config(name: str):  # -> transformers.PretrainedConfig
 
 def model_from_config(config, seed: int = 0) -> nn.Module:
     """The class named in ``config.architectures`` (else a causal LM), random weights, eval mode."""
+    import torch
     import transformers
 
     arch = (getattr(config, "architectures", None) or [None])[0]
