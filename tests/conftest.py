@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -340,18 +339,3 @@ def saved_base_and_adapter(tmp_path):
     randomize_peft(pm)
     pm.save_pretrained(adapter)
     return base, adapter
-
-
-def pytest_itemcollected(item):
-    """Groups for pytest-xdist's ``--dist loadgroup`` (``.ci/run``): a file's tests run on one worker,
-    so that its module fixtures and caches are built once, except the two longest files, whose
-    tests are independent: the examples and docs pages one by one, the architecture table one
-    architecture (its columns share one adapted model) at a time. (Marked as each test is collected:
-    pytest-xdist reads the marks in its own ``pytest_collection_modifyitems``.)"""
-    name = item.path.name
-    if name == "test_examples.py":
-        return
-    group = name
-    if name == "test_architectures.py":
-        group = f"{name}:{item.callspec.params['name']}"
-    item.add_marker(pytest.mark.xdist_group(group))
