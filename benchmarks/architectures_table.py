@@ -150,6 +150,10 @@ with torch.no_grad():
 ```
 
 Notes on rows:
+- Where ia3fx's apply takes seconds and the whole-graph trace 0 (`deberta`, `deberta-v2`,
+  `distilbert`, `electra`, `pegasus`, `wav2vec2`), the model lists no `_no_split_modules`: no blocks to
+  capture one by one, so `get_ia3_model` traces the whole model at once and later calls reuse it
+  ([how-it-runs.md](how-it-runs.md)).
 - `mixtral`: PEFT's default targets include `w2`, which matches no layer in transformers 5 (the
   experts are fused 3-d tensors); both libraries adapt `k_proj` and `v_proj` only, and ia3fx
   warns. Mixtral, Qwen3-MoE and Llama 4 export to ONNX through a translation of transformers'

@@ -719,6 +719,9 @@ def test_a_failed_fold_stops_a_copy_still_running(tmp_path, monkeypatch):
         return real_copy(*args)
 
     def failing_fold(*args, **kwargs):
+        deadline = time.monotonic() + 30  # fail once the copy is under way (it starts in its own thread)
+        while not copied and time.monotonic() < deadline:
+            time.sleep(0.005)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "copy_file_range", slow_copy)
