@@ -67,10 +67,10 @@ def _traceable_forward(module: nn.Module) -> Any:
 
     def forward(x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None) -> Any:
         rope_type = module.rope_type if layer_type is None else module.rope_type[layer_type]
-        if "dynamic" not in str(rope_type):
-            return decorated(module, x, position_ids, **({} if layer_type is None else {"layer_type": layer_type}))
-        attribute, inv_freq = _frequencies(module, position_ids, x.device, layer_type)
         kwargs = {} if layer_type is None else {"layer_type": layer_type}
+        if "dynamic" not in str(rope_type):
+            return decorated(module, x, position_ids, **kwargs)
+        attribute, inv_freq = _frequencies(module, position_ids, x.device, layer_type)
         return plain(_WithFrequencies(module, attribute, inv_freq), x, position_ids, **kwargs)
 
     return forward
