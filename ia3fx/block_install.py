@@ -14,6 +14,7 @@ from torch import nn
 from .adapter_store import Slot, _key, _slot
 from .blocks import CAPTURE_LOCK, GATE, BlockGraph, BlockRunner, bypassing, capture, fingerprint
 from .errors import TraceError
+from .mixed import current_rows
 
 
 class SavedModuleDispatch:
@@ -24,7 +25,8 @@ class SavedModuleDispatch:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         original = self.original
-        chosen = original if bypassing() else self.owner._saved_value(self.name)
+        # a mixed batch has no modules_to_save adapter: its rows run the original
+        chosen = original if bypassing() or current_rows() is not None else self.owner._saved_value(self.name)
         if chosen is original:
             return type(original).forward(original, *args, **kwargs)
         return chosen(*args, **kwargs)

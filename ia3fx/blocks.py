@@ -40,6 +40,7 @@ from torch.fx.graph import CodeGen
 from torch.utils import _pytree as pytree
 
 from .errors import TraceError
+from .mixed import Rows, broadcast_rows, choosing, current_rows
 from .passes import cleanup_graph, insert_scales, slot_attr
 from .passes._graph import VECTOR_ROOT
 from .sites import CallSite, find_call_sites
@@ -224,6 +225,15 @@ class BlockGraph:
     training: bool = False  # the mode it was captured in (dropout is baked in)
 
     _accepted: set[tuple] = field(default_factory=set, repr=False)  # shapes already checked
+    _per_row: GraphModule | None = field(default=None, repr=False)
+
+    def per_row(self) -> GraphModule:
+        """The copy of ``gm`` that takes one vector per row in each slot (made at first use)."""
+        if self._per_row is None:
+            from .passes.per_row import scale_per_row
+
+            self._per_row = scale_per_row(self.gm)[0]
+        return self._per_row
 
     def accepts(self, tensors: list[torch.Tensor]) -> bool:
         """Whether these tensor leaves fit the sizes the capture allows (static sizes, equal symbols)."""
@@ -486,7 +496,13 @@ class ScaleHook:
         # runs once per adapted layer per decode step: kept to the arithmetic (no needless casts)
         if getattr(_state, "bypass", False):
             return None
-        v = self.hooks.value(self.name, self.placement)
+        rows = current_rows()
+        if rows is not None:  # a mixed batch: one vector per row
+            v = rows.value(self.name, self.placement)
+            if v is not None and (output or inputs):
+                v = broadcast_rows(v, output[0] if output else inputs[0])
+        else:
+            v = self.hooks.value(self.name, self.placement)
         if v is None:
             return None
         if output:
@@ -583,7 +599,8 @@ class BlockRunner:
         if capturing is not None:  # torch.export is tracing this block's own forward
             return capturing(*args, **kwargs)
         block = self.block
-        if _bypass() or not self.owner._block_is_live(self.name):
+        rows = current_rows()
+        if _bypass() or (rows is None and not self.owner._block_is_live(self.name)):
             return type(block).forward(block, *args, **kwargs)
         if _tracing(args, kwargs):  # torch.export / torch.compile of the adapted model: trace the
             self.eager_calls += 1  # block's own code, scaled by the hooks (plain, traceable ops)
@@ -606,8 +623,9 @@ class BlockRunner:
             if self._lookup(args, self._graph_kwargs(kwargs)) is None:
                 self.eager_calls += 1
                 return type(block).forward(block, *args, **kwargs)
-            return block._gradient_checkpointing_func(partial(self._run_graph, **kwargs), *args)
-        return self._run_graph(*args, **kwargs)
+            # the recomputation runs after the call: it gets the call's row choice from here
+            return block._gradient_checkpointing_func(partial(self._run_graph_rows, rows, **kwargs), *args)
+        return self._run_graph_rows(rows, *args, **kwargs)
 
     def _needs_eager(self, args: tuple, kwargs: dict) -> bool:
         for value in (*args, *kwargs.values()):
@@ -636,18 +654,28 @@ class BlockRunner:
             kwargs = {k: v for k, v in kwargs.items() if k in named or k not in _PASS_THROUGH}
         return kwargs
 
-    def _run_graph(self, *args: Any, **kwargs: Any) -> Any:
+    def _run_graph_rows(self, rows: Rows | None, *args: Any, **kwargs: Any) -> Any:
         kwargs = self._graph_kwargs(kwargs)
         found = self._lookup(args, kwargs)
         if found is None:
             self.eager_calls += 1
-            return type(self.block).forward(self.block, *args, **kwargs)
+            with choosing(rows):
+                return type(self.block).forward(self.block, *args, **kwargs)
         graph, tensors = found
         self.graph_calls += 1
         inputs = [read() for read in self._reader(graph)]
-        for layer, placement in graph.slots:
-            inputs.append(self.owner._slot_input(f"{self.name}.{layer}", placement, self.block, layer))
-        out = graph.gm(*inputs, *tensors)
+        if rows is None:
+            for layer, placement in graph.slots:
+                inputs.append(self.owner._slot_input(f"{self.name}.{layer}", placement, self.block, layer))
+            out = graph.gm(*inputs, *tensors)
+        else:  # one vector per row: the per-row copy of the graph (passes/per_row.py)
+            for layer, placement in graph.slots:
+                value = rows.value(f"{self.name}.{layer}", placement)
+                if value is None:
+                    ones = self.owner._slot_input(f"{self.name}.{layer}", placement, self.block, layer)
+                    value = ones.unsqueeze(0).expand(rows.batch, *ones.shape)
+                inputs.append(value)
+            out = graph.per_row()(*inputs, *tensors)
         return pytree.tree_unflatten(list(out), graph.out_spec)
 
     def _lookup(self, args: tuple, kwargs: dict) -> tuple[BlockGraph, list[torch.Tensor]] | None:

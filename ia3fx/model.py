@@ -39,6 +39,8 @@ from .blocks import (
 from .capture import is_transformers_model, trace
 from .config import IA3Config
 from .merging import MergeMixin
+from .mixed import choosing
+from .mixed_batch import MixedBatchMixin
 from .sites import CallSite, check_targets_scaled, find_call_sites
 from .targeting import Selection, Target, select_targets
 from .whole_graph import WholeGraphMixin
@@ -47,11 +49,14 @@ __all__ = ["IA3Model", "get_ia3_model", "plan", "Plan", "PEFT_PREFIX"]
 
 
 
-class IA3Model(AdapterStoreMixin, WholeGraphMixin, BlockInstallMixin, MergeMixin, AdapterFilesMixin, nn.Module):
+class IA3Model(
+    AdapterStoreMixin, WholeGraphMixin, BlockInstallMixin, MergeMixin, MixedBatchMixin, AdapterFilesMixin, nn.Module
+):
     """A model adapted with (IA)³ by graph rewriting; PEFT's IA3 model API where it means the same.
 
     Call it like the base model. ``.train()``/``.eval()`` switch to the graph captured in that
-    mode; a call with another set of inputs is captured once and cached.
+    mode; a call with another set of inputs is captured once and cached. ``adapter_names=[...]``
+    (one adapter name per row, ``"__base__"`` for none) runs each row with its own adapter.
     """
 
     def __new__(cls, model: Any = None, *args: Any, **kwargs: Any) -> IA3Model:
@@ -155,6 +160,15 @@ class IA3Model(AdapterStoreMixin, WholeGraphMixin, BlockInstallMixin, MergeMixin
             )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        names = kwargs.pop("adapter_names", None)
+        if names is not None:  # one adapter per row (mixed.py): the same paths, reading the row choice
+            with GATE.running():
+                rows = self._row_choice(names, args, kwargs)
+                with choosing(rows):
+                    return self._forward(args, kwargs, per_row=True)
+        return self._forward(args, kwargs)
+
+    def _forward(self, args: tuple, kwargs: dict, per_row: bool = False) -> Any:
         # no other thread's capture, merge or rebinding runs during the call (see blocks._Gate);
         # the unload check is inside, so that a call waiting for an unload sees it
         if self._blocks_mode:
@@ -167,6 +181,8 @@ class IA3Model(AdapterStoreMixin, WholeGraphMixin, BlockInstallMixin, MergeMixin
         with GATE.running():
             self._check_loaded()
             graph = self._graph_for(args, kwargs)
+            if per_row:
+                return self._per_row_graph(graph)(*args, **kwargs)
             if self._product_slots:  # a fresh product each call, so gradients reach every adapter
                 self._bind(graph, self._product_slots)
             return graph(*args, **kwargs)
@@ -203,11 +219,18 @@ class IA3Model(AdapterStoreMixin, WholeGraphMixin, BlockInstallMixin, MergeMixin
         With a KV cache the blocks run their own forward and the adapted layers are scaled by hooks,
         exactly as PEFT computes them. A graph captured from an ``nn.Module`` without transformers
         blocks, a GraphModule or an ExportedProgram has no cache: there it is refused.
+        ``adapter_names=[...]`` gives each prompt (row) its own adapter, beams and returned
+        sequences included.
         """
+        names = kwargs.pop("adapter_names", None)
         if self._blocks_mode:
             with GATE.running():
                 self._check_loaded()
-                return self.model.generate(*args, **kwargs)
+                if names is None:
+                    return self.model.generate(*args, **kwargs)
+                rows = self._row_choice(names, args, kwargs)
+                with choosing(rows):
+                    return self.model.generate(*args, **kwargs)
         self._check_loaded()
         raise NotImplementedError(
             "IA3Model.generate would silently run the base model without the adapter. Use "
