@@ -131,6 +131,10 @@ class BlockInstallMixin:
         value = self._live_value(layer, placement)
         if value is not None:
             return value
+        return self._slot_ones(layer, placement, relative)
+
+    def _slot_ones(self, layer: str, placement: str, relative: str) -> torch.Tensor:
+        """Ones of a slot's shape (kept): what a slot reads when nothing scales it."""
         ones = self._ones.get((layer, placement))
         if ones is None:
             template = self._all_slots().get((layer, placement))

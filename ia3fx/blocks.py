@@ -672,7 +672,7 @@ class BlockRunner:
             for layer, placement in graph.slots:
                 value = rows.value(f"{self.name}.{layer}", placement)
                 if value is None:
-                    ones = self.owner._slot_input(f"{self.name}.{layer}", placement, self.block, layer)
+                    ones = self.owner._slot_ones(f"{self.name}.{layer}", placement, layer)
                     value = ones.unsqueeze(0).expand(rows.batch, *ones.shape)
                 inputs.append(value)
             out = graph.per_row()(*inputs, *tensors)

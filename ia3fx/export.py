@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -234,20 +234,34 @@ def _onnx_ready(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgra
     return ep
 
 
-def _write_onnx(ep: torch.export.ExportedProgram, file: str, token_dims: bool) -> None:
+def _write_onnx(ep: torch.export.ExportedProgram, file: str, token_dims: bool, meta: dict | None = None) -> None:
+    """With ``meta`` (a table export): unoptimised, so that no table is merged with an equal one,
+    and the manifest in the model's metadata."""
     ep = _onnx_ready(ep)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         program = torch.onnx.export(ep, dynamo=True, verbose=False, output_names=_output_names(ep) or None,
-                                    custom_translation_table=translation_table())
+                                    optimize=meta is None, custom_translation_table=translation_table())
     program.rename_axes(_axis_names(program, token_dims))
+    if meta is not None:
+        _check_vectors_kept(program, meta)
+        program.model.metadata_props[METADATA_KEY] = json.dumps(meta)
     program.save(file)
+
+
+def _check_vectors_kept(program: Any, meta: dict) -> None:
+    held = set(program.model.graph.initializers)
+    lost = [name for name in meta["vectors"] if name not in held]
+    if lost:
+        raise RuntimeError(f"the ONNX conversion dropped the vector {lost[0]!r} ({len(lost)} in all); please report this")
 
 
 def _write_onnx_with_past(ep: torch.export.ExportedProgram, file: str, meta: dict) -> None:
     from .generation_export import io_names, onnx_axis_names
 
     inputs, outputs = io_names(meta["num_layers"])
+    if meta.get("table"):
+        inputs.append("adapter_index")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         # unoptimised when it holds vectors: the optimiser drops a multiply by a vector of ones
@@ -256,22 +270,20 @@ def _write_onnx_with_past(ep: torch.export.ExportedProgram, file: str, meta: dic
         program = torch.onnx.export(ep, dynamo=True, verbose=False, input_names=inputs, output_names=outputs,
                                     optimize=meta["merged"], custom_translation_table=translation_table())
     program.rename_axes(onnx_axis_names(program, meta["num_layers"]))
-    held = set(program.model.graph.initializers)
-    lost = [name for name in meta["vectors"] if name not in held]
-    if lost:
-        raise RuntimeError(f"the ONNX conversion dropped the vector {lost[0]!r} ({len(lost)} in all); please report this")
+    _check_vectors_kept(program, meta)
     program.model.metadata_props[METADATA_KEY] = json.dumps(meta)
     program.save(file)
 
 
 def _generation_program(
-    model: IA3Model, format: str, merged: bool, batch_size: int, max_cache_len: int | None
+    model: IA3Model, format: str, merged: bool, batch_size: int, max_cache_len: int | None, adapters: list[str] | None
 ) -> tuple[torch.export.ExportedProgram, dict]:
     from .generation_export import past_key_values_program, static_cache_program
 
     if format == "pt2":
-        return static_cache_program(model, merged=merged, batch_size=batch_size, max_cache_len=max_cache_len)
-    return past_key_values_program(model, merged=merged)
+        return static_cache_program(model, merged=merged, batch_size=batch_size, max_cache_len=max_cache_len,
+                                    adapters=adapters)
+    return past_key_values_program(model, merged=merged, adapters=adapters)
 
 
 # --- entry point ----------------------------------------------------------------------------------
@@ -280,7 +292,7 @@ def export(
     path: str | os.PathLike,
     format: str = "pt2",
     *,
-    merged: bool = True,
+    merged: bool | None = None,
     example_inputs: Any = None,
     overwrite: bool = False,
     tokenizer: Any = None,
@@ -288,6 +300,7 @@ def export(
     batch_size: int = 1,
     max_cache_len: int | None = None,
     progress: Callable[[str], None] | None = None,
+    adapters: Sequence[str] | None = None,
 ) -> str:
     """Write ``model`` to ``path`` as ``format`` (``"pt2"``, ``"onnx"`` or ``"transformers"``).
 
@@ -306,6 +319,12 @@ def export(
     transformers checkpoint generates as it is (the flag changes nothing there).
     ``progress`` is called with the name of each stage as it starts.
 
+    ``adapters=[names...]`` (pt2/onnx) exports a program that serves all of them: it takes one more
+    input, ``adapter_index`` (int64, one per batch row: 0 the base model, ``i`` the ``i``-th listed
+    adapter), and holds the adapters' vectors as one stacked table per site (see
+    :mod:`ia3fx.table_export`); :func:`ia3fx.swap_adapter` replaces or adds a row. Unmerged by
+    nature (``merged`` defaults to ``True`` otherwise).
+
     The model is not modified. The output appears only once complete; an existing ``path`` raises
     ``FileExistsError`` unless ``overwrite=True``, and is then replaced only by a complete new one.
     """
@@ -313,6 +332,16 @@ def export(
         raise ValueError(f"unknown export format {format!r}; use one of {FORMATS}")
     if not isinstance(model, IA3Model):
         raise TypeError(f"export takes an ia3fx.IA3Model, got {type(model).__name__}")
+    if adapters is not None:
+        if format == "transformers":
+            raise ValueError("a transformers checkpoint holds one set of weights: adapters=[...] exports pt2 or onnx")
+        if merged:
+            raise ValueError("adapters=[...] exports the adapters' vectors as a table: it cannot be merged (drop merged=True)")
+        from .table_export import check_table_adapters
+
+        adapters = check_table_adapters(model, adapters)  # before anything is written
+        merged = False
+    merged = True if merged is None else merged
     if format == "transformers" and not merged:
         raise ValueError(
             "a transformers checkpoint holds plain weights: export it with merged=True, or save the "
@@ -342,7 +371,11 @@ def export(
             return out
         say("export the graph" + (" with its KV cache" if for_generation else ""))
         if for_generation:
-            ep, meta = _generation_program(model, format, merged, batch_size, max_cache_len)
+            ep, meta = _generation_program(model, format, merged, batch_size, max_cache_len, adapters)
+        elif adapters is not None:
+            from .table_export import table_program
+
+            ep, meta = table_program(model, adapters, example_inputs)
         else:
             ep, meta = exported_program(model, merged=merged, example_inputs=example_inputs), None
         if for_generation and not out.endswith(f".{format}"):
@@ -430,6 +463,9 @@ def _write_program(ep: torch.export.ExportedProgram, meta: dict | None, format: 
         say("write the pt2 archive")
         extra = {METADATA_KEY: json.dumps(meta)} if meta is not None else None
         save_pt2(ep, file, extra)
+    elif meta is not None and meta["form"] == "table":
+        say("convert to ONNX")
+        _write_onnx(ep, file, token_dims=is_transformers_model(model.model), meta=meta)
     elif meta is not None:
         say("convert to ONNX")
         _write_onnx_with_past(ep, file, meta)

@@ -146,8 +146,13 @@ def _check_generative(ia3: Any) -> nn.Module:
     return base
 
 
-def _exporting(ia3: Any, merged: bool) -> tuple[VectorTable | None, contextlib.ExitStack]:
-    table = None if merged else VectorTable(_effective_vectors(ia3))
+def _exporting(ia3: Any, merged: bool, adapters: list[str] | None = None) -> tuple[VectorTable | None, contextlib.ExitStack]:
+    if adapters:  # one row per adapter, picked by the program's adapter_index (table_export.py)
+        from .table_export import RowTable, adapter_table
+
+        table: VectorTable | None = RowTable(adapter_table(ia3, adapters))
+    else:
+        table = None if merged else VectorTable(_effective_vectors(ia3))
     stack = contextlib.ExitStack()
     stack.enter_context(GATE.exclusive())
     stack.enter_context(CAPTURE_LOCK)
@@ -159,7 +164,7 @@ def _exporting(ia3: Any, merged: bool) -> tuple[VectorTable | None, contextlib.E
 
 
 def static_cache_program(
-    ia3: Any, *, merged: bool, batch_size: int = 1, max_cache_len: int | None = None
+    ia3: Any, *, merged: bool, batch_size: int = 1, max_cache_len: int | None = None, adapters: list[str] | None = None
 ) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
     """The ExecuTorch form with a static cache of ``max_cache_len`` positions (default: the model's
     ``max_position_embeddings``, at most 2048), and what :func:`ia3fx.swap_adapter` needs to know."""
@@ -172,23 +177,24 @@ def static_cache_program(
     generation_config.use_cache = True
     generation_config.cache_implementation = "static"
     generation_config.cache_config = {"batch_size": batch_size, "max_cache_len": max_cache_len}
-    table, stack = _exporting(ia3, merged)
+    table, stack = _exporting(ia3, merged, adapters)
     device = next(base.parameters()).device
     inputs = {
         "input_ids": torch.zeros((batch_size, 1), dtype=torch.long, device=device),
         "cache_position": torch.zeros(1, dtype=torch.long, device=device),
     }
+    if adapters:
+        inputs["adapter_index"] = torch.zeros(batch_size, dtype=torch.long, device=device)
     with stack:  # other threads wait: they would see the static generation config
         saved, base.generation_config = base.generation_config, generation_config
         try:
             module = TorchExportableModuleWithStaticCache(base, batch_size=batch_size, max_cache_len=max_cache_len)
         finally:
             base.generation_config = saved
-        if table is not None:
-            setattr(module, EXPORTED_VECTORS, table)
+        _attach(module, table, adapters)
         ep = torch.export.export(module, (), inputs, strict=False)
     _substitute(ep, _weights_to_put(ia3, merged), "model.")
-    meta = _metadata(ia3, table, merged, "static_cache", batch_size=batch_size, max_cache_len=max_cache_len)
+    meta = _metadata(ia3, table, merged, "static_cache", adapters, batch_size=batch_size, max_cache_len=max_cache_len)
     return ep, meta
 
 
@@ -224,7 +230,19 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
             ["logits"] + [f"present.{n}" for n in kv])
 
 
-def past_key_values_program(ia3: Any, *, merged: bool) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
+def _attach(module: nn.Module, table: VectorTable | None, adapters: list[str] | None) -> None:
+    """The vectors onto the module to export; a table with the ``adapter_index`` input that reads it."""
+    if adapters:
+        from .table_export import take_adapter_index
+
+        take_adapter_index(module, table)
+    elif table is not None:
+        setattr(module, EXPORTED_VECTORS, table)
+
+
+def past_key_values_program(
+    ia3: Any, *, merged: bool, adapters: list[str] | None = None
+) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
     """The decoder with past key values (for ONNX), batch/sequence/past dims dynamic."""
     from transformers.configuration_utils import get_head_shapes
 
@@ -237,9 +255,8 @@ def past_key_values_program(ia3: Any, *, merged: bool) -> tuple[torch.export.Exp
             f"{type(base).__name__} has per-layer head shapes; the past-key-values export takes one shape for all layers"
         )
     module = DecoderWithPast(base, num_layers, ia3._takes("position_ids"))
-    table, stack = _exporting(ia3, merged)
-    if table is not None:
-        setattr(module, EXPORTED_VECTORS, table)
+    table, stack = _exporting(ia3, merged, adapters)
+    _attach(module, table, adapters)
     param = next(base.parameters())
     batch, seq, past_len = 2, 3, 4  # >= 2 each: no size specialised in the program
     ids = torch.ones((batch, seq), dtype=torch.long, device=param.device)
@@ -248,11 +265,17 @@ def past_key_values_program(ia3: Any, *, merged: bool) -> tuple[torch.export.Exp
     past = tuple(torch.zeros((batch, heads, past_len, head_dim), dtype=param.dtype, device=param.device)
                  for _ in range(2 * num_layers))
     auto = torch.export.Dim.AUTO
-    dynamic = ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past))
+    dynamic: dict[str, Any] = {"input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto},
+                               "position_ids": {0: auto, 1: auto}, "past": tuple({0: auto, 2: auto} for _ in past)}
+    extra = {}
+    if adapters:
+        extra["adapter_index"] = torch.zeros(batch, dtype=torch.long, device=param.device)
+        dynamic["adapter_index"] = {0: auto}
     with stack:
-        ep = torch.export.export(module, (ids, mask, positions, past), dynamic_shapes=dynamic, strict=False)
+        ep = torch.export.export(module, (ids, mask, positions, past), extra, dynamic_shapes=dynamic, strict=False)
     _substitute(ep, _weights_to_put(ia3, merged), "model.")
-    meta = _metadata(ia3, table, merged, "past_key_values", num_layers=num_layers, num_kv_heads=heads, head_dim=head_dim)
+    meta = _metadata(ia3, table, merged, "past_key_values", adapters, num_layers=num_layers, num_kv_heads=heads,
+                     head_dim=head_dim)
     return ep, meta
 
 
@@ -272,14 +295,23 @@ def onnx_axis_names(program: Any, num_layers: int) -> dict[str, str]:
     return names
 
 
-def _metadata(ia3: Any, table: VectorTable | None, merged: bool, form: str, **extra: Any) -> dict[str, Any]:
+def _metadata(
+    ia3: Any, table: VectorTable | None, merged: bool, form: str, adapters: list[str] | None = None, **extra: Any
+) -> dict[str, Any]:
+    if adapters:
+        from .table_export import table_manifest
+
+        vectors = table_manifest(ia3, table, adapters)
+        extra["table"] = True
+    else:
+        vectors = {} if table is None else vector_manifest(ia3, table)
     return {
         "ia3fx_export": 1,
         "form": form,
         "merged": merged,
-        "adapters": [a for a in ia3.active_adapters if not ia3._disabled],
+        "adapters": list(adapters) if adapters else [a for a in ia3.active_adapters if not ia3._disabled],
         "model_type": getattr(ia3.model.config, "model_type", None),
-        "vectors": {} if table is None else vector_manifest(ia3, table),
+        "vectors": vectors,
         # trained copies in the program's weights: another adapter cannot be swapped in
         "modules_to_save": [] if merged else sorted(ia3._all_saved()),
         **extra,

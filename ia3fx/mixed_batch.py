@@ -132,13 +132,22 @@ class MixedBatchMixin:
         key = tuple(info["slots"])
         if kept is not None and kept[0] == key:
             return kept[1]
-        shapes = {slot: get_attr_path(graph, slot_attr(*slot)).shape for slot in info["slots"]}
+        rows_graph, _ = scale_per_row(graph, LiveRows(slot_shapes(graph)), attrs=self._saved_originals(graph))
+        info["per_row"] = (key, rows_graph)
+        return rows_graph
+
+    def _saved_originals(self, graph: GraphModule) -> dict[str, object]:
+        """A graph's ``modules_to_save`` redirects, bound to the original modules (per-row rows
+        never run a trained copy: adapters with one are refused)."""
         originals = {}
         prefix = SAVED_ROOT + "."
         for node in graph.graph.nodes:
             if node.op in ("get_attr", "call_module") and isinstance(node.target, str) and node.target.startswith(prefix):
                 originals[node.target] = get_attr_path(self.model, node.target[len(prefix):])
-        rows_graph, _ = scale_per_row(graph, LiveRows(shapes), attrs=originals)
-        info["per_row"] = (key, rows_graph)
-        return rows_graph
+        return originals
+
+
+def slot_shapes(graph: GraphModule) -> dict[Slot, torch.Size]:
+    """The vector shape of each slot a whole-model graph reads."""
+    return {slot: get_attr_path(graph, slot_attr(*slot)).shape for slot in graph.meta["ia3fx"]["slots"]}
 

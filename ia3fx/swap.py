@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from functools import partial
 from typing import Any
 
 import torch
@@ -75,7 +76,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 
 def _new_vectors(manifest: dict, adapter_dir: str, path: str) -> dict[str, torch.Tensor]:
-    """The adapter's vectors under the program's tensor names, checked against the manifest."""
+    """The adapter's vectors under the program's tensor names, checked against the manifest.
+
+    A table program (``adapters=[...]``) takes an adapter of fewer sites: its row is ones there."""
     if manifest.get("merged"):
         raise ValueError(
             f"{path} was exported merged: the adapter is folded into its weights and cannot be swapped. "
@@ -103,6 +106,11 @@ def _new_vectors(manifest: dict, adapter_dir: str, path: str) -> dict[str, torch
             f"{len(by_key)} layers and nothing else; export the model with this adapter instead"
         )
     missing = sorted(k for k in by_key if k not in tensors)
+    if manifest.get("table"):
+        if len(missing) == len(by_key):
+            raise AdapterLoadError(f"{adapter_dir} scales none of the {len(by_key)} sites of the table in {path}")
+        missing = []
+        tensors = {**{k: torch.ones(vectors[by_key[k]]["peft_shape"]) for k in by_key if k not in tensors}, **tensors}
     if missing:
         raise AdapterLoadError(
             f"{adapter_dir} has no {missing[0]!r} ({len(missing)} key(s) missing): the program at {path} scales that "
@@ -124,15 +132,42 @@ def _new_vectors(manifest: dict, adapter_dir: str, path: str) -> dict[str, torch
     return out
 
 
-def _write_pt2(program: torch.export.ExportedProgram, manifest: dict, vectors: dict, staged: str) -> None:
+def _table_row(old: torch.Tensor, value: torch.Tensor, row: int) -> torch.Tensor:
+    """The table ``old`` with ``value`` at ``row`` (one past the end: a row added)."""
+    value = value.to(dtype=old.dtype, device=old.device)
+    if row == old.shape[0]:
+        return torch.cat([old, value.unsqueeze(0)]).contiguous()
+    new = old.clone()
+    new[row] = value
+    return new
+
+
+def _write_pt2(program: torch.export.ExportedProgram, manifest: dict, vectors: dict, staged: str,
+               row: int | None = None) -> None:
     held = program.state_dict
     for name, value in vectors.items():
         old = held[name]
-        held[name] = value.to(old.device)
+        held[name] = value.to(old.device) if row is None else _table_row(old, value, row)
+    if row is not None:
+        _resize_placeholders(program, {name: held[name] for name in vectors})
     save_pt2(program, staged, {METADATA_KEY: json.dumps(manifest)})
 
 
-def _write_onnx(model: Any, manifest: dict, vectors: dict, staged: str) -> None:
+def _resize_placeholders(program: torch.export.ExportedProgram, tables: dict[str, torch.Tensor]) -> None:
+    """A table that gained a row: its placeholder's recorded shape follows (the graph reads the
+    table by index only, so nothing else in it depends on the number of rows)."""
+    by_target = {spec.target: spec.arg.name for spec in program.graph_signature.input_specs if spec.target in tables}
+    for node in program.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        for target, name in by_target.items():
+            if node.name == name and "val" in node.meta:
+                val = node.meta["val"]
+                node.meta["val"] = val.new_empty(tables[target].shape)
+                node.meta["tensor_meta"] = None
+
+
+def _write_onnx(model: Any, manifest: dict, vectors: dict, staged: str, row: int | None = None) -> None:
     import onnx
     from onnx import numpy_helper
 
@@ -141,6 +176,8 @@ def _write_onnx(model: Any, manifest: dict, vectors: dict, staged: str) -> None:
         init = inits.get(name)
         if init is None:
             raise ValueError(f"the ONNX model has no initializer {name!r} although its manifest names it")
+        if row is not None:
+            value = _table_row(torch.from_numpy(numpy_helper.to_array(init).copy()), value, row)
         init.CopyFrom(numpy_helper.from_array(value.numpy(), name))
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
@@ -149,11 +186,35 @@ def _write_onnx(model: Any, manifest: dict, vectors: dict, staged: str) -> None:
     onnx.save(model, staged, save_as_external_data=large, location=os.path.basename(staged) + ".data")
 
 
+def _table_row_of(manifest: dict, adapter_name: str | None, path: str) -> int | None:
+    """The table row ``adapter_name`` goes to (``None``: the program has no table)."""
+    if not manifest.get("table"):
+        if adapter_name is not None:
+            raise ValueError(f"{path} holds one adapter, not a table: drop adapter_name (export with adapters=[...] for a table)")
+        return None
+    if not isinstance(adapter_name, str) or not adapter_name or adapter_name == "__base__":
+        raise ValueError(
+            f"{path} holds a table of adapters {manifest['adapters']}: pass adapter_name, a listed name to replace "
+            "its row or a new name to add one ('__base__', row 0, stays the base model)"
+        )
+    names = manifest["adapters"]
+    return names.index(adapter_name) + 1 if adapter_name in names else len(names) + 1
+
+
 def swap_adapter(
-    exported_path: str | os.PathLike, adapter_dir: str | os.PathLike, out_path: str | os.PathLike, *, overwrite: bool = False
+    exported_path: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    adapter_name: str | None = None,
 ) -> str:
     """Write ``exported_path`` (pt2 or ONNX, unmerged, for generation) to ``out_path`` with the
     vectors of the PEFT IA3 adapter in ``adapter_dir``. Returns the absolute path written.
+
+    A program exported with ``adapters=[...]`` holds a table: ``adapter_name`` says which row the
+    adapter goes to: a listed name's row is replaced, a new name is added as the next row (its
+    ``adapter_index`` is then ``len(adapters) + 1``; the manifest lists the names in order).
 
     Raises :class:`~ia3fx.AdapterLoadError` naming the key when the adapter does not fit the
     program's vectors, and ``FileExistsError`` for an existing ``out_path`` without ``overwrite``.
@@ -173,8 +234,17 @@ def swap_adapter(
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (ia3fx swap-adapter --force) to replace it")
     program, manifest = _load(src_file, fmt)
+    row = _table_row_of(manifest, adapter_name, src)
     vectors = _new_vectors(manifest, os.fspath(adapter_dir), src)
-    manifest = {**manifest, "adapters": [os.path.basename(os.path.normpath(os.fspath(adapter_dir)))]}
+    if row is None:
+        manifest = {**manifest, "adapters": [os.path.basename(os.path.normpath(os.fspath(adapter_dir)))]}
+    else:
+        names = list(manifest["adapters"])
+        if row > len(names):
+            names.append(adapter_name)
+        vectors_meta = {k: {**v, "rows": len(names) + 1} for k, v in manifest["vectors"].items()}
+        manifest = {**manifest, "adapters": names, "vectors": vectors_meta}
+    write = partial(_write_pt2 if fmt == "pt2" else _write_onnx, row=row)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = staging_directory(parent, os.path.basename(out))
@@ -182,12 +252,11 @@ def swap_adapter(
         if directory:
             staged = os.path.join(tmp, "export")
             shutil.copytree(src, staged, ignore=shutil.ignore_patterns(os.path.basename(src_file), "*.data"))
-            (_write_pt2 if fmt == "pt2" else _write_onnx)(program, manifest, vectors,
-                                                          os.path.join(staged, os.path.basename(src_file)))
+            write(program, manifest, vectors, os.path.join(staged, os.path.basename(src_file)))
             move_into_place(staged, out)
             return out
         staged = os.path.join(tmp, os.path.basename(out))
-        (_write_pt2 if fmt == "pt2" else _write_onnx)(program, manifest, vectors, staged)
+        write(program, manifest, vectors, staged)
         for name in sorted(os.listdir(tmp)):  # an ONNX side file goes first
             if name != os.path.basename(out):
                 move_into_place(os.path.join(tmp, name), os.path.join(parent, name))

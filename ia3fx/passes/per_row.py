@@ -36,10 +36,13 @@ class PerRowResult:
 
 
 def scale_per_row(
-    gm: GraphModule, rows_module: nn.Module | None = None, attrs: Mapping[str, object] | None = None
+    gm: GraphModule,
+    rows_module: nn.Module | None = None,
+    attrs: Mapping[str, object] | None = None,
+    rows_attr: str = ROWS_ATTR,
 ) -> tuple[GraphModule, PerRowResult]:
-    """The per-row copy of ``gm``. With ``rows_module``, slot ``get_attr`` reads call it instead;
-    ``attrs`` binds other targets of the copy to other objects (by target path)."""
+    """The per-row copy of ``gm``. With ``rows_module`` (at ``gm.<rows_attr>``), slot ``get_attr``
+    reads call it instead; ``attrs`` binds other targets of the copy to other objects (by path)."""
     attrs = attrs or {}
     from ..capture import _copy_graph
 
@@ -51,7 +54,7 @@ def scale_per_row(
         if info.get("role") == "vector" and node.op == "get_attr" and rows_module is not None:
             layer, _, placement = node.target[len(prefix):].rpartition(".")
             with graph.inserting_before(node):
-                read = graph.call_module(ROWS_ATTR, (layer, placement))
+                read = graph.call_module(rows_attr, (layer, placement))
             read.meta.update(node.meta)
             node.replace_all_uses_with(read)
             graph.erase_node(node)
@@ -68,7 +71,7 @@ def scale_per_row(
     root: dict[str, object] = {}
     for node in graph.nodes:  # what the copy reads, shared with ``gm`` (and the rows module)
         if node.op in ("get_attr", "call_module") and node.target not in root:
-            if node.target == ROWS_ATTR:
+            if node.target == rows_attr:
                 root[node.target] = rows_module
             else:
                 root[node.target] = attrs[node.target] if node.target in attrs else _attr(gm, node.target)
