@@ -670,7 +670,7 @@ class BlockRunner:
             out = graph.gm(*inputs, *tensors)
         else:  # one vector per row: the per-row copy of the graph (passes/per_row.py)
             for layer, placement in graph.slots:
-                value = rows.value(f"{self.name}.{layer}", placement)
+                value = rows.compute(f"{self.name}.{layer}", placement)  # each slot is read once per call
                 if value is None:
                     ones = self.owner._slot_ones(f"{self.name}.{layer}", placement, layer)
                     value = ones.unsqueeze(0).expand(rows.batch, *ones.shape)

@@ -56,6 +56,10 @@ class Rows:
             self._kept[key] = self._value(layer, placement)
         return self._kept[key]
 
+    def compute(self, layer: str, placement: str) -> torch.Tensor | None:
+        """``value`` computed afresh: a checkpointed block recomputes the same ops as its forward."""
+        return self._value(layer, placement)
+
     def ones(self, layer: str, placement: str, shape: torch.Size) -> torch.Tensor:
         """The vector of ones for a slot no row's adapter scales (on the vectors' device)."""
         return self._ones(layer, placement, shape) if self._ones is not None else torch.ones(shape)
