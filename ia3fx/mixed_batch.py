@@ -29,16 +29,22 @@ __all__ = ["MixedBatchMixin", "LiveRows"]
 _BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values", "decoder_input_ids")
 
 
-def batch_size(args: tuple, kwargs: dict) -> int | None:
-    """The number of rows of a call: dim 0 of its first batch input (``None``: no tensor input)."""
+def batch_dim(args: tuple, kwargs: dict) -> Any:
+    """Dim 0 of a call's first batch input, as it is (an int, or a symbol while exporting)."""
     for name in _BATCH_INPUTS:
         value = kwargs.get(name)
         if isinstance(value, torch.Tensor) and value.dim():
-            return int(value.shape[0])
+            return value.shape[0]
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim():
-            return int(value.shape[0])
+            return value.shape[0]
     return None
+
+
+def batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The number of rows of a call (``None``: no tensor input)."""
+    dim = batch_dim(args, kwargs)
+    return None if dim is None else int(dim)
 
 
 class LiveRows(nn.Module):

@@ -121,7 +121,12 @@ class _Indexed(nn.Module):
 
 
 def take_adapter_index_forward(original: Any, table: RowTable) -> Any:
+    from .mixed_batch import batch_dim
+
     def forward(*args: Any, adapter_index: torch.Tensor, **kwargs: Any) -> Any:
+        batch = batch_dim(args, kwargs)
+        if batch is not None:  # one size in the program: a mismatched index is an error, not a broadcast
+            torch._check(adapter_index.shape[0] == batch)
         with choosing(Rows(adapter_index, table.rows)):
             return original(*args, **kwargs)
 
