@@ -508,15 +508,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
     if args.adapter and given:
         raise ValueError(f"--adapter takes its settings from {args.adapter}; drop {', '.join(given)}")
+    table = _named_dirs(args.adapters) if args.adapters else None
+    if table is not None:
+        if args.adapter or given:
+            raise ValueError(f"--adapters takes its settings from the adapter directories; drop {', '.join(given) or '--adapter'}")
+        if args.format == "transformers":
+            raise ValueError("--adapters exports a table of adapters into a pt2 or onnx program: use --format pt2 or onnx")
     _check_out(args.out)
-    if args.adapter:
+    if table is not None:
+        config, tensors = read_adapter_files(table[0][1])
+    elif args.adapter:
         config, tensors = read_adapter_files(args.adapter)
     else:
         config, tensors = config_from_args(args), None
     model = load_model(args.model)
-    ia3 = get_ia3_model(model, config)
+    ia3 = get_ia3_model(model, config, adapter_name=table[0][0] if table else "default")
     if tensors is not None:
         ia3.load_adapter_state_dict(tensors)
+    for name, directory in (table or [])[1:]:
+        ia3.load_adapter(directory, adapter_name=name)
     stages = ["export the graph" + (" with its KV cache" if args.for_generation else ""),
               "write the pt2 archive" if args.format == "pt2" else "convert to ONNX"]
     progress = _Progress("export", stages)
@@ -524,17 +534,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' shard bar goes to stderr even when it is no terminal
     try:
-        path = export(ia3, args.out, format=args.format, merged=not args.unmerged, overwrite=args.force,
-                      for_generation=args.for_generation, batch_size=1 if args.batch_size is None else args.batch_size,
-                      max_cache_len=args.max_cache_len, progress=progress.step)
+        path = export(ia3, args.out, format=args.format, merged=None if table else not args.unmerged,
+                      overwrite=args.force, for_generation=args.for_generation,
+                      batch_size=1 if args.batch_size is None else args.batch_size, max_cache_len=args.max_cache_len,
+                      progress=progress.step, adapters=[n for n, _ in table] if table else None)
     finally:
         progress.close()
         if bars:
             hf_logging.enable_progress_bar()
     how = "scale nodes kept" if args.unmerged else "merged"
+    if table:
+        how = f"a table of {len(table)} adapters (adapter_index 1..{len(table)}: {', '.join(n for n, _ in table)}; 0: base)"
     kind = ", for generation with a KV cache" if args.for_generation else ""
     print(f"wrote {path} ({args.format}{kind}, {how}, {len(ia3.targets)} adapted layers) in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _named_dirs(items: list[str]) -> list[tuple[str, str]]:
+    """``NAME=DIR`` or ``DIR`` (named after its last component), in order; names must be distinct."""
+    out = []
+    for item in items:
+        name, sep, directory = item.partition("=")
+        if not sep:
+            name, directory = os.path.basename(os.path.normpath(item)), item
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"--adapters: {directory} is not an adapter directory")
+        out.append((name, directory))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--adapters names two adapters alike ({names}): name them, NAME=DIR")
+    return out
 
 
 def _check_program(exported: str) -> None:
@@ -561,15 +590,21 @@ def cmd_swap_adapter(args: argparse.Namespace) -> int:
     _check_out(args.out)
     _check_program(args.exported)
     try:
-        path = swap_adapter(args.exported, args.adapter, args.out, overwrite=args.force)
+        path = swap_adapter(args.exported, args.adapter, args.out, overwrite=args.force, adapter_name=args.adapter_name)
     except zipfile.BadZipFile as e:
         raise ValueError(f"{_shown(args.exported)} is not a readable .pt2 archive ({e}): is it truncated? "
                          "Export it again with ia3fx export --for-generation --unmerged") from e
     except _protobuf_errors() as e:  # onnx.load of a file that is no ONNX model
         raise ValueError(f"{_shown(args.exported)} is not a readable ONNX model ({e}): export it again with "
                          "ia3fx export --format onnx --for-generation --unmerged") from e
-    n = len(read_manifest(path)["vectors"])
-    print(f"wrote {path}: {args.exported} with the {n} vectors of {args.adapter}")
+    manifest = read_manifest(path)
+    n = len(manifest["vectors"])
+    if manifest.get("table"):
+        row = manifest["adapters"].index(args.adapter_name) + 1
+        print(f"wrote {path}: {args.exported} with {args.adapter} as table row {row} ({args.adapter_name!r}; "
+              f"adapters {manifest['adapters']})")
+    else:
+        print(f"wrote {path}: {args.exported} with the {n} vectors of {args.adapter}")
     return 0
 
 
@@ -648,6 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a program with a KV cache: pt2 with a static cache (ExecuTorch form), ONNX with past key values")
     x.add_argument("--max-cache-len", type=int, help="positions of the pt2 static cache (default: the model's, at most 2048)")
     x.add_argument("--batch-size", type=int, help="batch of the pt2 static cache (default 1)")
+    x.add_argument("--adapters", nargs="+", metavar="[NAME=]DIR",
+                   help="several PEFT IA3 adapter directories: one program that serves them all, by its adapter_index "
+                        "input (1..N in this order, 0 the base)")
     x.set_defaults(func=cmd_export)
     e = sub.add_parser("view", help="open the adapted graph in Model Explorer (overlays: roles, vector statistics), "
                        "or an exported .onnx in Netron (--netron)")
@@ -666,6 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("adapter", help="PEFT IA3 adapter directory with the same target modules")
     w.add_argument("--out", required=True, help="the file to write (same format)")
     w.add_argument("--force", action="store_true", help="replace --out if it exists (once the new one is complete)")
+    w.add_argument("--adapter-name", help="for a program exported with --adapters: the table row to replace (a "
+                   "listed name) or to add (a new name)")
     w.set_defaults(func=cmd_swap_adapter)
     return parser
 

@@ -164,3 +164,26 @@ def test_the_exported_index_is_a_plain_int64_input(tmp_path):
     assert index.type.tensor_type.shape.dim[0].dim_param == "batch"
     held = {init.name for init in model.graph.initializer}
     assert set(read_manifest(path)["vectors"]) <= held
+
+
+def test_cli_exports_a_table_and_swaps_a_row(tmp_path, capsys):
+    from ia3fx.cli import load_model, main
+
+    ia3 = ia3fx.get_ia3_model(load_model("tiny-llama"), ia3fx.IA3Config(), adapter_name="x")
+    ia3.add_adapter("y", ia3fx.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    ia3.add_adapter("z", ia3fx.IA3Config())
+    with torch.no_grad():
+        for p in ia3.ia3_l.parameters():
+            p.uniform_(0.3, 1.7)
+    ia3.save_pretrained(tmp_path / "saved", selected_adapters=["x", "y", "z"])
+    out = tmp_path / "table.pt2"
+    assert main(["export", "tiny-llama", "--adapters", f"x={tmp_path / 'saved' / 'x'}", str(tmp_path / "saved" / "y"),
+                 "--out", str(out)]) == 0
+    assert "a table of 2 adapters (adapter_index 1..2: x, y; 0: base)" in capsys.readouterr().out
+    assert main(["swap-adapter", str(out), str(tmp_path / "saved" / "z"), "--out", str(tmp_path / "more.pt2"),
+                 "--adapter-name", "z"]) == 0
+    assert "as table row 3 ('z'; adapters ['x', 'y', 'z'])" in capsys.readouterr().out
+    ids = torch.randint(1, 100, (4, 5))
+    names = ["z", "x", BASE, "y"]
+    got = _run_pt2(str(tmp_path / "more.pt2"), {"input_ids": ids}, _index(names, {BASE: 0, "x": 1, "y": 2, "z": 3}))
+    _assert_close(got, _eager(ia3.eval(), {"input_ids": ids, "use_cache": False}, names), "cli table")
