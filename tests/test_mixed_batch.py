@@ -364,3 +364,25 @@ def test_peft_ignores_adapter_names_for_ia3_and_ia3fx_does_not():
             p.fill_(2.0)
         ours = ia3(**inputs, adapter_names=["a", "b"]).logits
     assert torch.equal(ours[0], alone[0]) and not torch.allclose(ours[1], alone[1])
+
+
+class Routed(nn.Module):
+    """A layer on the rows a mask selects (as an MoE expert on its routed tokens)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = (x[:, 0] > 0).nonzero().squeeze(1)
+        return torch.zeros_like(x).index_add(0, idx, self.proj(x[idx]))
+
+
+def test_a_layer_on_data_dependent_rows_is_refused():
+    ia3 = ia3fx.get_ia3_model(Routed().eval(), ia3fx.IA3Config(target_modules=["proj"], feedforward_modules=[]),
+                              example_inputs=(torch.randn(6, 4),), adapter_name="a")
+    x = torch.randn(4, 4)
+    x[:, 0] = torch.tensor([1.0, -1.0, 1.0, 1.0])  # 3 rows selected: no multiple of the batch, yet refused
+    with pytest.raises(RowMismatchError, match="data-dependent selection of rows"):
+        ia3(x, adapter_names=["a", "a", BASE, "a"])
+    assert ia3(x).shape == (4, 4)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from ..mixed import broadcast_rows
+from ..mixed import RowMismatchError, broadcast_rows
 from ._graph import VECTOR_ROOT
 
 __all__ = ["PerRowResult", "scale_per_row", "ROWS_ATTR"]
@@ -61,6 +61,7 @@ def scale_per_row(
             result.reads.append((layer, placement))
         elif info.get("role") == "scale":
             x, v = node.args
+            _check_rows_follow(x, info.get("layer"))
             with graph.inserting_before(node):
                 rows = graph.call_function(broadcast_rows, (v, x))
             rows.meta["ia3fx"] = dict(info, role="rows")
@@ -80,6 +81,23 @@ def scale_per_row(
     graph.lint()
     out.recompile()
     return out, result
+
+
+def _check_rows_follow(x: torch.fx.Node, layer: object) -> None:
+    """A scaled value whose leading size is data-dependent (tokens routed to an expert, a masked
+    selection) holds no fixed rows of the batch: per-row vectors cannot follow them."""
+    val = x.meta.get("val")
+    shape = getattr(val, "shape", None)
+    if not shape:
+        return
+    lead = shape[0]
+    symbols = getattr(getattr(lead, "node", None), "expr", None)
+    names = {str(s) for s in getattr(symbols, "free_symbols", ())}
+    if any(n.startswith("u") for n in names):
+        raise RowMismatchError(
+            f"layer {layer} runs on a data-dependent selection of rows (size {lead}: routed tokens, a mask): "
+            "per-row adapters (adapter_names) cannot follow the batch there. Run one adapter per call for this model"
+        )
 
 
 def _attr(gm: GraphModule, target: str) -> object:
