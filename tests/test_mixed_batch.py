@@ -382,7 +382,7 @@ def test_a_layer_on_data_dependent_rows_is_refused():
     ia3 = ia3fx.get_ia3_model(Routed().eval(), ia3fx.IA3Config(target_modules=["proj"], feedforward_modules=[]),
                               example_inputs=(torch.randn(6, 4),), adapter_name="a")
     x = torch.randn(4, 4)
-    x[:, 0] = torch.tensor([1.0, -1.0, 1.0, 1.0])  # 3 rows selected: no multiple of the batch, yet refused
+    x[:, 0] = torch.tensor([1.0, 2.0, 1.0, 3.0])  # every row selected: the sizes agree, the rows are still data-dependent
     with pytest.raises(RowMismatchError, match="data-dependent selection of rows"):
         ia3(x, adapter_names=["a", "a", BASE, "a"])
     assert ia3(x).shape == (4, 4)
