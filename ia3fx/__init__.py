@@ -32,6 +32,7 @@ _EXPORTS = {
     "merge_checkpoint": ("offline", "merge_checkpoint"),
     "plan": ("model", "plan"),
     "redirect_modules_to_save": ("passes", "redirect_modules_to_save"),
+    "read_manifest": ("swap", "read_manifest"),
     "report": ("analysis", "report"),
     "swap_adapter": ("swap", "swap_adapter"),
     "to_networkx": ("analysis", "to_networkx"),

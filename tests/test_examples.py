@@ -26,6 +26,7 @@ KEY_LINES = {
     "plan_targets.py": ["OK: all plans as expected"],
     "peft_parity.py": ["OK: ia3fx matches PEFT within 1e-05 on 4 models"],
     "generate_and_export.py": ["OK: generate, pt2 and ONNX decodes agree"],
+    "serve_mixed_onnx.py": ["OK: one ONNX model served 3 adapters per request, equal to generate"],
     "custom_module.py": ["max |graph - eager reference| = 0.00e+00", "OK: every call site scaled as configured"],
 }
 

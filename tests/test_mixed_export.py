@@ -121,6 +121,10 @@ def test_swap_adapter_needs_a_row_name_for_a_table(tmp_path):
         ia3fx.swap_adapter(path, tmp_path / "saved" / "b", tmp_path / "out.pt2")
     with pytest.raises(ValueError, match="'__base__', row 0, stays the base model"):
         ia3fx.swap_adapter(path, tmp_path / "saved" / "b", tmp_path / "out.pt2", adapter_name=BASE)
+    ia3.add_adapter("o", ia3fx.IA3Config(target_modules=["o_proj"], feedforward_modules=[]))
+    ia3.save_pretrained(tmp_path / "saved_o", selected_adapters=["o"])
+    with pytest.raises(ia3fx.AdapterLoadError, match="o_proj.ia3_l' .a vector the program does not have"):
+        ia3fx.swap_adapter(path, tmp_path / "saved_o" / "o", tmp_path / "out.pt2", adapter_name="o")
     single = ia3fx.export(ia3, tmp_path / "g.pt2", "pt2", merged=False, for_generation=True, max_cache_len=16)
     with pytest.raises(ValueError, match="holds one adapter, not a table: drop adapter_name"):
         ia3fx.swap_adapter(single, tmp_path / "saved" / "b", tmp_path / "out.pt2", adapter_name="b")
