@@ -116,7 +116,9 @@ class MixedBatchMixin:
         template = self._all_slots().get((layer, placement))
         if template is not None:
             return torch.ones_like(template, requires_grad=False)
-        return torch.ones(shape)
+        # a slot whose adapters were all deleted: ones where the model's tensors are
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        return torch.ones(shape, device=device)
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Let these adapters' vectors (and trained copies) train, or freeze them, as PEFT's method:

@@ -492,7 +492,7 @@ def test_a_killed_swap_is_cleaned_by_the_next_swap_to_the_same_place(saved, tmp_
     def child():
         swapper._load = lambda path, fmt: (None, {})
         swapper._new_vectors = lambda *a: {}
-        swapper._write_pt2 = lambda *a: die()  # killed while writing into its staging directory
+        swapper._write_pt2 = lambda *a, **k: die()  # killed while writing into its staging directory
         ia3fx.swap_adapter(src, adapter, out)
 
     killed_child(child)
