@@ -116,7 +116,9 @@ class _Indexed(nn.Module):
 
     def __init__(self, graph: nn.Module, table: RowTable) -> None:
         super().__init__()
-        self.base = graph  # its table at base.ia3: the names torch.export and the ONNX exporter agree on  # not 'graph': the unlifted program is a GraphModule, whose .graph is its Graph
+        # the table at base.ia3: the names torch.export and the ONNX exporter agree on. Not "graph":
+        # the unlifted program is a GraphModule, whose .graph is its Graph
+        self.base = graph
         self.forward = take_adapter_index_forward(graph.forward, table)
 
 

@@ -106,7 +106,3 @@ def _attr(gm: GraphModule, target: str) -> object:
         obj = getattr(obj, part)
     return obj
 
-
-def scale_nodes_read(gm: GraphModule) -> list[torch.fx.Node]:
-    """The scale multiplies of ``gm`` (for tests and checks)."""
-    return [n for n in gm.graph.nodes if (n.meta.get("ia3fx") or {}).get("role") == "scale"]
