@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -102,6 +102,30 @@ def _static_dims(ep: torch.export.ExportedProgram, token_dims: bool) -> list[str
     return out
 
 
+@contextlib.contextmanager
+def deployment_inputs(model: IA3Model, example_inputs: Any = None) -> Iterator[tuple[tuple, dict]]:
+    """Inside: the eval graph's mode (flags restored after; a graph handed in as such has one mode
+    only), no grad, and the inputs of the graph to export: ``example_inputs``, or the first graph's
+    inputs reproduced from its placeholders."""
+    eval_mode = _training_mode(model, False) if model._retraceable else contextlib.nullcontext()
+    with eval_mode, torch.no_grad():
+        if example_inputs is None:
+            yield _synthetic_inputs(model.graph_module)
+        else:
+            yield normalize_inputs(example_inputs)
+
+
+def warn_static_dims(ep: torch.export.ExportedProgram, token_dims: bool) -> None:
+    static = _static_dims(ep, token_dims)
+    if static:
+        warnings.warn(
+            f"the exported program has fixed sizes where dynamic ones were asked for ({', '.join(static)}): "
+            "the graph was captured that way (a size-1 or specialised example input). Build the IA3Model "
+            "with example_inputs of batch and sequence sizes >= 2 for a program that takes other sizes.",
+            stacklevel=4,
+        )
+
+
 def exported_program(
     model: IA3Model, *, merged: bool = True, example_inputs: Any = None
 ) -> torch.export.ExportedProgram:
@@ -113,13 +137,7 @@ def exported_program(
     """
     if not isinstance(model, IA3Model):
         raise TypeError(f"export takes an ia3fx.IA3Model, got {type(model).__name__}")
-    # the deployment graph, flags restored after (a graph handed in as such has one mode only)
-    eval_mode = _training_mode(model, False) if model._retraceable else contextlib.nullcontext()
-    with eval_mode, torch.no_grad():
-        if example_inputs is None:
-            args, kwargs = _synthetic_inputs(model.graph_module)
-        else:
-            args, kwargs = normalize_inputs(example_inputs)
+    with deployment_inputs(model, example_inputs) as (args, kwargs):
         if merged:
             gm = model.merged_graph_module((args, kwargs))
         else:
@@ -127,14 +145,7 @@ def exported_program(
         token_dims = is_transformers_model(model.model)
         dynamic = _dynamic_shapes(gm, args, kwargs, token_dims)
         ep = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic, strict=False)
-    static = _static_dims(ep, token_dims)
-    if static:
-        warnings.warn(
-            f"the exported program has fixed sizes where dynamic ones were asked for ({', '.join(static)}): "
-            "the graph was captured that way (a size-1 or specialised example input). Build the IA3Model "
-            "with example_inputs of batch and sequence sizes >= 2 for a program that takes other sizes.",
-            stacklevel=3,
-        )
+    warn_static_dims(ep, token_dims)
     return ep
 
 

@@ -157,21 +157,15 @@ def table_manifest(model: Any, table: RowTable, adapters: Sequence[str], prefix:
 def table_program(model: Any, adapters: Sequence[str], example_inputs: Any = None) -> tuple[torch.export.ExportedProgram, dict]:
     """The eval whole-model graph with the adapters' table and an ``adapter_index`` input, exported
     (batch and sequence dims dynamic, as :func:`ia3fx.export.exported_program`), and its manifest."""
-    import contextlib
-
-    from .capture import _dynamic_shapes, _training_mode, is_transformers_model, normalize_inputs
-    from .export import _synthetic_inputs
+    from .capture import _dynamic_shapes, is_transformers_model
+    from .export import deployment_inputs, warn_static_dims
     from .mixed_batch import batch_size, slot_shapes
     from .passes._lazy import realize
     from .passes.per_row import scale_per_row
 
     names = check_table_adapters(model, adapters)
-    eval_mode = _training_mode(model, False) if model._retraceable else contextlib.nullcontext()
-    with eval_mode, torch.no_grad():
-        if example_inputs is None:
-            args, kwargs = _synthetic_inputs(model.graph_module)
-        else:
-            args, kwargs = normalize_inputs(example_inputs)
+    token_dims = is_transformers_model(model.model)
+    with deployment_inputs(model, example_inputs) as (args, kwargs):
         gm = realize(model._graph_for(args, kwargs))
         table = RowTable(adapter_table(model, names), slot_shapes(gm))
         rows_gm, _ = scale_per_row(gm, table, attrs=model._saved_originals(gm), rows_attr=EXPORTED_VECTORS)
@@ -181,8 +175,9 @@ def table_program(model: Any, adapters: Sequence[str], example_inputs: Any = Non
             raise ValueError("a table export needs a batch input (input_ids, pixel_values, ...) to size adapter_index by")
         device = next((t.device for t in table.buffers()), torch.device("cpu"))
         index = torch.zeros(batch, dtype=torch.long, device=device)
-        dynamic = _dynamic_shapes(program, args, {**kwargs, "adapter_index": index}, is_transformers_model(model.model))
+        dynamic = _dynamic_shapes(program, args, {**kwargs, "adapter_index": index}, token_dims)
         ep = torch.export.export(program, args, {**kwargs, "adapter_index": index}, dynamic_shapes=dynamic, strict=False)
+    warn_static_dims(ep, token_dims)
     meta = {
         "ia3fx_export": 1,
         "form": "table",
