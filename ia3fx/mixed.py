@@ -81,7 +81,7 @@ def choosing(rows: Rows | None) -> Iterator[None]:
         _state.rows = before
 
 
-def row_index(names: Sequence[str], known: Sequence[str], batch: int | None, device: torch.device | None = None) -> tuple[list[str], torch.Tensor]:
+def row_index(names: Sequence[str], known: Sequence[str], batch: int | None) -> tuple[list[str], torch.Tensor]:
     """The adapters a batch uses (in order of first use) and each row's index into ``[base, *used]``.
 
     Raises ``ValueError`` for a name that is not an adapter or ``BASE`` (listing the adapters), and
@@ -99,7 +99,7 @@ def row_index(names: Sequence[str], known: Sequence[str], batch: int | None, dev
         raise ValueError("adapter_names is empty: give one name per row")
     used = list(dict.fromkeys(n for n in names if n != BASE))
     position = {n: i + 1 for i, n in enumerate(used)}
-    index = torch.tensor([position.get(n, 0) for n in names], dtype=torch.long, device=device)
+    index = torch.tensor([position.get(n, 0) for n in names], dtype=torch.long)
     return used, index
 
 
