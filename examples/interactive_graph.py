@@ -111,7 +111,7 @@ def main() -> int:
     files = write_model_explorer_files(ia3, os.path.join(out, "model-explorer"), base=True)
     print(f"3. {files.how_to_open()}")
     overlay = json.load(open(files.overlays["abs-dev"], encoding="utf-8"))
-    values = next(iter(overlay["graphsData"].values()))["results"]
+    values = next(iter(overlay.values()))["results"]  # {graph id: {"results": ...}}
     check(len(values) == 6, "Model Explorer overlay: mean |v-1| on each of the 6 scale nodes")
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -30,10 +30,14 @@ from .sites import find_call_sites
 from .viz import COLORS, _model_name, _opname, _write_file
 from .viz_stats import graph_vectors, vector_stats
 
-__all__ = ["view", "view_netron", "write_model_explorer_files", "open_model_explorer", "ViewFiles", "OVERLAYS"]
+__all__ = ["view", "view_netron", "write_model_explorer_files", "open_model_explorer", "ViewFiles", "OVERLAYS",
+           "OVERLAY_NAMES"]
 
 # overlay file suffix -> the statistic it shows (the role overlay holds strings)
 OVERLAYS = {"role": None, "mean": "mean", "min": "min", "max": "max", "abs-dev": "mean_abs_dev"}
+# the name Model Explorer shows for each overlay (its default, the file name, is cut to "LlamaForCausal...")
+OVERLAY_NAMES = {"role": "ia3fx role", "mean": "vector mean", "min": "vector min", "max": "vector max",
+                 "abs-dev": "mean |v-1|"}
 _ROLE = {"output": "attention-type scale (output)", "input": "feedforward scale (input)"}
 
 
@@ -60,8 +64,10 @@ class ViewFiles:
         names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
         graphs = [os.path.join(directory, n) for n in names if n.endswith((".adapted.json", ".base.json"))]
         graphs.sort(key=lambda p: not p.endswith(".adapted.json"))
-        overlays = {m.group(1): os.path.join(directory, n) for n in names
-                    if (m := re.search(r"\.overlay-([\w-]+)\.json$", n))}
+        found = {m.group(1): os.path.join(directory, n) for n in names
+                 if (m := re.search(r"\.overlay-([\w-]+)\.json$", n))}
+        order = list(OVERLAYS)  # as written: role first, then the statistics
+        overlays = dict(sorted(found.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
         if not graphs:
             raise FileNotFoundError(f"{directory!r} holds no Model Explorer graph written by ia3fx (*.adapted.json): "
                                     "write one with ia3fx view MODEL --no-browser --out DIR")
@@ -128,7 +134,9 @@ def _graph_json(gm: GraphModule, graph_id: str, keep_ia3: bool) -> dict[str, Any
 
 
 def _overlays(gm: GraphModule, graph_id: str) -> dict[str, dict[str, Any]]:
-    """Model Explorer node data (``{"graphsData": {graph: {"results": {node: {"value": v}}}}}``) per overlay."""
+    """Model Explorer node data per overlay: ``{graph id: {"results": {node: {"value": v}}}}``, the JSON
+    its ``ModelNodeData.to_json_string`` writes (the ``graphsData`` field is not a key in the file: under
+    it, Model Explorer finds no graph and shows nothing)."""
     stats = {key: vector_stats(t) for key, t in graph_vectors(gm).items()}
     sites = {s.node for s in find_call_sites(gm)}
     results: dict[str, dict[str, Any]] = {name: {} for name in OVERLAYS}
@@ -147,7 +155,7 @@ def _overlays(gm: GraphModule, graph_id: str) -> dict[str, dict[str, Any]]:
             results["role"][node.name] = {"value": "call site"}
     gradient = [{"stop": 0, "bgColor": "#ffffff"}, {"stop": 1, "bgColor": COLORS["output"]}]
     return {
-        name: {"graphsData": {graph_id: {"results": r, **({"gradient": gradient} if OVERLAYS[name] else {})}}}
+        name: {graph_id: {"results": r, **({"gradient": gradient} if OVERLAYS[name] else {})}}
         for name, r in results.items()
     }
 
@@ -212,8 +220,9 @@ def open_model_explorer(files: ViewFiles, *, port: int = 8080, module: Any = Non
         names.append(re.sub(r"[^0-9A-Za-z_.-]+", "_", collection["label"]).strip("_"))
         config.graphs_list.append(json.dumps({"graphs": collection["graphs"]}))
         config.model_sources.append({"url": f"graphs://{names[-1]}/{len(config.graphs_list) - 1}"})
-    for path in files.overlays.values():
-        config.add_node_data_from_path(path, model_name=names[0])
+    for overlay, path in files.overlays.items():
+        with open(path, encoding="utf-8") as f:
+            config.add_node_data(OVERLAY_NAMES.get(overlay, overlay), f.read(), model_name=names[0])
     me.visualize_from_config(config, port=port)
 
 

@@ -11,7 +11,15 @@ from conftest import move_vectors
 import ia3fx
 from ia3fx.cli import main
 from ia3fx.presets import build_preset
-from ia3fx.view import OVERLAYS, ViewFiles, view, view_netron, write_model_explorer_files
+from ia3fx.view import (
+    OVERLAY_NAMES,
+    OVERLAYS,
+    ViewFiles,
+    open_model_explorer,
+    view,
+    view_netron,
+    write_model_explorer_files,
+)
 from ia3fx.viz_stats import vector_stats
 
 
@@ -65,7 +73,10 @@ def test_base_graph_is_the_adapted_one_without_ia3fx_nodes(adapted, files):
 def test_overlays_match_the_vectors(adapted, files):
     assert set(files.overlays) == set(OVERLAYS)
     graph_id = "LlamaForCausalLM (adapted)"
-    data = {k: _load(p)["graphsData"][graph_id]["results"] for k, p in files.overlays.items()}
+    assert [g["id"] for g in _load(files.graphs[0])["graphs"]] == [graph_id]
+    # keyed by the graph id: under any other key (a "graphsData" wrapper) Model Explorer finds no graph
+    assert all(list(_load(p)) == [graph_id] for p in files.overlays.values())
+    data = {k: _load(p)[graph_id]["results"] for k, p in files.overlays.items()}
     scales = [n for n in adapted.graph_module.graph.nodes if (n.meta.get("ia3fx") or {}).get("role") == "scale"]
     for node in scales:
         info = node.meta["ia3fx"]
@@ -78,6 +89,39 @@ def test_overlays_match_the_vectors(adapted, files):
         assert role == ("attention-type scale (output)" if info["scale"] == "output" else "feedforward scale (input)")
     sites = {s.node for s in adapted.call_sites}
     assert {n for n, v in data["role"].items() if v["value"] == "call site"} == sites
+
+
+def test_overlays_are_what_model_explorers_own_node_data_classes_write(files):
+    builder = pytest.importorskip("model_explorer.node_data_builder", reason="the view extra (.ci/setup installs it)")
+    for path in files.overlays.values():
+        ours = _load(path)
+        theirs = builder.ModelNodeData(graphsData={
+            graph: builder.GraphNodeData(
+                results={node: builder.NodeDataResult(**r) for node, r in data["results"].items()},
+                gradient=[builder.GradientItem(**g) for g in data["gradient"]] if "gradient" in data else None)
+            for graph, data in ours.items()})
+        written = json.loads(theirs.to_json_string())  # theirs adds its defaults (thresholds: [], ...)
+        assert list(written) == list(ours)
+        assert all({k: written[g][k] for k in data} == data for g, data in ours.items())
+
+
+def test_model_explorer_gets_the_graphs_and_named_overlays_for_that_model(files, monkeypatch):
+    me = pytest.importorskip("model_explorer", reason="the view extra (.ci/setup installs it)")
+    served = {}
+    monkeypatch.setattr(me, "visualize_from_config", lambda config, port: served.update(config=config, port=port))
+    open_model_explorer(files, port=18080, module=me)
+    config = served["config"]
+    assert served["port"] == 18080
+    assert [s["url"] for s in config.model_sources] == ["graphs://LlamaForCausalLM_adapted/0",
+                                                        "graphs://LlamaForCausalLM_base/1"]
+    assert [json.loads(config.get_model_explorer_graphs(i))["graphs"] for i in (0, 1)] == [
+        _load(p)["graphs"] for p in files.graphs]
+    # shown under readable names (not the file names), on the adapted graph, with the files' contents
+    assert config.node_data_sources == [f"node_data://{OVERLAY_NAMES[k]}/{i}" for i, k in enumerate(OVERLAYS)]
+    assert config.node_data_target_models == ["LlamaForCausalLM_adapted"] * len(OVERLAYS)
+    assert [json.loads(config.get_node_data(i)) for i in range(len(OVERLAYS))] == [
+        _load(files.overlays[k]) for k in OVERLAYS]
+    assert ViewFiles.find(files.directory).overlays == files.overlays  # found again in the order written
 
 
 def test_missing_extra_is_a_clear_error_before_anything_is_written(adapted, tmp_path, monkeypatch):
