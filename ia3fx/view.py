@@ -211,7 +211,7 @@ def open_model_explorer(files: ViewFiles, *, port: int = 8080, module: Any = Non
     """Start Model Explorer on written files, graphs and overlays loaded (serves until interrupted)."""
     me = module or _extra("model_explorer", "ai-edge-model-explorer (Model Explorer)")
     config = me.config()
-    names = []
+    names, panes = [], []
     for path in files.graphs:
         # a .json path would go to Model Explorer's TF.js adapter: the graphs are handed over as
         # already converted, the way its own add_model_from_pytorch does (graphs://<name>/<index>)
@@ -220,10 +220,30 @@ def open_model_explorer(files: ViewFiles, *, port: int = 8080, module: Any = Non
         names.append(re.sub(r"[^0-9A-Za-z_.-]+", "_", collection["label"]).strip("_"))
         config.graphs_list.append(json.dumps({"graphs": collection["graphs"]}))
         config.model_sources.append({"url": f"graphs://{names[-1]}/{len(config.graphs_list) - 1}"})
+        panes.append({"deepestExpandedGroupNodeIds": [], "selectedNodeId": "",  # a graphs:// model's
+                      "selectedGraphId": collection["graphs"][0]["id"], "selectedCollectionLabel": names[-1],
+                      "widthFraction": 1 / len(files.graphs), "selected": not panes})  # label is its name
     for overlay, path in files.overlays.items():
         with open(path, encoding="utf-8") as f:
             config.add_node_data(OVERLAY_NAMES.get(overlay, overlay), f.read(), model_name=names[0])
+    if len(panes) == 2:  # adapted and base: side by side
+        _open_in_panes(config, panes)
     me.visualize_from_config(config, port=port)
+
+
+def _open_in_panes(config: Any, panes: list[dict[str, Any]]) -> None:
+    """Add Model Explorer's UI state (``uiState.paneStates``: which graph each pane shows) to the page
+    address the config makes; its Python API has no setting for it, its page reads it from the address."""
+    from urllib.parse import quote, unquote
+
+    plain = config.to_url_param_value
+
+    def with_panes() -> str:
+        data = json.loads(unquote(plain()))
+        data["uiState"] = {"paneStates": panes}
+        return quote(json.dumps(data))
+
+    config.to_url_param_value = with_panes
 
 
 def view_netron(path: str | os.PathLike, *, browser: bool = True, port: int = 8081) -> str:

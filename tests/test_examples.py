@@ -27,6 +27,8 @@ KEY_LINES = {
     "peft_parity.py": ["OK: ia3fx matches PEFT within 1e-05 on 4 models"],
     "generate_and_export.py": ["OK: generate, pt2 and ONNX decodes agree"],
     "serve_mixed_onnx.py": ["OK: one ONNX model served 3 adapters per request, equal to generate"],
+    "viewer_screenshots.py": ["ok  overlay 'mean |v-1|'", "ok  side by side", "ok  ... and ia3fx's metadata",
+                              "OK: Model Explorer and Netron show the adapter's nodes, attributes and vector statistics"],
     "custom_module.py": ["max |graph - eager reference| = 0.00e+00", "OK: every call site scaled as configured"],
 }
 

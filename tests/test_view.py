@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from urllib.parse import unquote
 
 import pytest
 from conftest import move_vectors
@@ -122,6 +123,22 @@ def test_model_explorer_gets_the_graphs_and_named_overlays_for_that_model(files,
     assert [json.loads(config.get_node_data(i)) for i in range(len(OVERLAYS))] == [
         _load(files.overlays[k]) for k in OVERLAYS]
     assert ViewFiles.find(files.directory).overlays == files.overlays  # found again in the order written
+    # the page's address opens adapted and base side by side (the browser test: examples/viewer_screenshots.py)
+    state = json.loads(unquote(config.to_url_param_value()))
+    assert state["models"] == config.model_sources and state["nodeData"] == config.node_data_sources
+    assert [(p["selectedCollectionLabel"], p["selectedGraphId"], p["widthFraction"], p["selected"])
+            for p in state["uiState"]["paneStates"]] == [
+        ("LlamaForCausalLM_adapted", "LlamaForCausalLM (adapted)", 0.5, True),
+        ("LlamaForCausalLM_base", "LlamaForCausalLM (base)", 0.5, False)]
+
+
+def test_model_explorer_without_base_opens_one_pane(adapted, tmp_path, monkeypatch):
+    me = pytest.importorskip("model_explorer", reason="the view extra (.ci/setup installs it)")
+    served = {}
+    monkeypatch.setattr(me, "visualize_from_config", lambda config, port: served.update(config=config))
+    open_model_explorer(write_model_explorer_files(adapted, tmp_path), module=me)
+    state = json.loads(unquote(served["config"].to_url_param_value()))
+    assert state["models"] == [{"url": "graphs://LlamaForCausalLM_adapted/0"}] and "uiState" not in state
 
 
 def test_missing_extra_is_a_clear_error_before_anything_is_written(adapted, tmp_path, monkeypatch):
