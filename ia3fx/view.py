@@ -220,9 +220,10 @@ def open_model_explorer(files: ViewFiles, *, port: int = 8080, module: Any = Non
         names.append(re.sub(r"[^0-9A-Za-z_.-]+", "_", collection["label"]).strip("_"))
         config.graphs_list.append(json.dumps({"graphs": collection["graphs"]}))
         config.model_sources.append({"url": f"graphs://{names[-1]}/{len(config.graphs_list) - 1}"})
-        panes.append({"deepestExpandedGroupNodeIds": [], "selectedNodeId": "",  # a graphs:// model's
+        # the pane that shows it (a graphs:// model's collection label is the name in its address)
+        panes.append({"deepestExpandedGroupNodeIds": [], "selectedNodeId": "",
                       "selectedGraphId": collection["graphs"][0]["id"], "selectedCollectionLabel": names[-1],
-                      "widthFraction": 1 / len(files.graphs), "selected": not panes})  # label is its name
+                      "widthFraction": 1 / len(files.graphs), "selected": not panes})
     for overlay, path in files.overlays.items():
         with open(path, encoding="utf-8") as f:
             config.add_node_data(OVERLAY_NAMES.get(overlay, overlay), f.read(), model_name=names[0])
