@@ -53,6 +53,7 @@ from ia3fx.viz_stats import vector_stats
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecation notices
 SIZE = (1400, 900)
+LAYER = "model.layers.0.self_attn.k_proj"  # the layer both views open at
 
 
 class Chromium:
@@ -152,8 +153,8 @@ def free_port() -> int:
 
 def scale_node(ia3, layer: str) -> str:
     """The FX name of the scale node on ``layer``: the node id in Model Explorer's graph."""
-    return next(n.name for n in ia3.graph_module.graph.nodes
-                if (n.meta.get("ia3fx") or {}).get("role") == "scale" and n.meta["ia3fx"]["layer"] == layer)
+    graph = ia3fx.to_networkx(ia3)
+    return next(n for n, a in graph.nodes(data=True) if a["role"] == "scale" and a["layer"] == layer)
 
 
 PANES = "[...document.querySelectorAll('div.pane-container')].map(pane => pane.innerText)"
@@ -176,7 +177,7 @@ def show_panes(browser: Chromium, address: str, data: dict, panes: list[dict], w
 
 
 def model_explorer(browser: Chromium, ia3, directory: str, out: str, check) -> None:
-    layer = "model.layers.0.self_attn.k_proj"
+    layer = LAYER
     files = write_model_explorer_files(ia3, directory, base=True)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "ia3fx.view", directory, str(port)],
@@ -229,7 +230,7 @@ def model_explorer(browser: Chromium, ia3, directory: str, out: str, check) -> N
 def netron_view(browser: Chromium, ia3, onnx_path: str, out: str, check) -> None:
     import netron
 
-    layer = "model.layers.0.self_attn.k_proj"
+    layer = LAYER
     ia3fx.export(ia3, onnx_path, "onnx", merged=False, overwrite=True)
     port = free_port()
     netron.serve(onnx_path, None, ("localhost", port), browse=False)
